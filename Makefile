@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine (Debian/Ubuntu, Python 3.11):
+#   make demo   install everything, then analyse the sample dialogue
+#   make test   install everything, then run the test suite
+# Both are idempotent: the install steps are skipped once done.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := ffmpeg espeak-ng sox
+
+.PHONY: setup system-packages demo test serve lint bench
+
+setup: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=""; for p in ffmpeg ffprobe espeak-ng sox; do command -v $$p >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	[ -x $(BIN)/uv ] || $(BIN)/pip install -q uv
+	$(BIN)/uv pip install --python $(BIN)/python -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/ecg-analyze tests/fixtures/dialogue_en.flac
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_pipeline.py

@@ -1,0 +1,222 @@
+"""Stage 2, speech recognition: WhisperX's recipe on CPU or GPU.
+
+VAD cuts the audio into speech chunks of at most `chunk_size_s`; the chunks
+are decoded in batches by faster-whisper (CTranslate2), the engine WhisperX
+wraps. Every word then gets times from one of two sources:
+
+- WhisperX forced alignment (wav2vec2) when `alignment` is on and a model for
+  the language loads; words the aligner cannot place (digits, symbols) are
+  interpolated from their neighbours;
+- otherwise Whisper's own cross-attention word timings (`word_timestamps`),
+  which need no extra weights. A language without an alignment model is
+  therefore never an error.
+
+We feed WhisperX's chunks to faster-whisper's `BatchedInferencePipeline`
+rather than calling `whisperx.load_model`, because WhisperX's batched pipeline
+decodes without timestamps and could not give words times without alignment.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import AsrSettings, resolve_device
+from pipeline.embedded import EMBEDDED_PREFIX, whisper_model_dir
+from pipeline.errors import ModelError, UnsupportedLanguage
+from pipeline.media import SAMPLE_RATE
+from pipeline.progress import ProgressHook, no_progress
+from pipeline.schemas import WordTiming
+
+log = logging.getLogger(__name__)
+STAGE = "transcription"
+
+
+@dataclass
+class TimedWord:
+    word: str
+    start: float
+    end: float
+    score: float | None
+    timing: WordTiming
+
+
+@dataclass
+class TranscriptSegment:
+    start: float
+    end: float
+    text: str
+    words: list[TimedWord] = field(default_factory=list)
+
+
+@dataclass
+class Transcript:
+    language: str
+    language_probability: float | None
+    segments: list[TranscriptSegment]
+    model: str
+    alignment_model: str | None = None
+
+    @property
+    def words(self) -> list[TimedWord]:
+        return [w for s in self.segments for w in s.words]
+
+
+class SpeechRecognizer(Protocol):
+    model_name: str
+    device: str
+
+    def transcribe(self, samples: np.ndarray, language: str | None, progress: ProgressHook) -> Transcript: ...
+
+
+def supported_languages() -> tuple[str, ...]:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return tuple(_LANGUAGE_CODES)
+
+
+def check_language(language: str | None) -> str | None:
+    """Normalise a requested language: None/"auto" mean detect; anything else must be a Whisper code."""
+    if language is None or language.strip().lower() in ("", "auto"):
+        return None
+    code = language.strip().lower()
+    if code not in supported_languages():
+        raise UnsupportedLanguage(f"unknown language code {language!r}; use 'auto' or an ISO 639-1 code such as 'en'")
+    return code
+
+
+class WhisperXTranscriber:
+    """Owns a Whisper model (and VAD/alignment models); transcribes one file per call."""
+
+    def __init__(self, settings: AsrSettings, cache_dir: Path) -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        self._settings = settings
+        self.device = resolve_device(settings.device)
+        compute_type = settings.compute_type
+        if compute_type == "auto":
+            compute_type = "float16" if self.device == "cuda" else "int8"
+        self.model_name = settings.model
+        model_path = settings.model
+        if model_path.startswith(EMBEDDED_PREFIX):
+            model_path = str(whisper_model_dir(model_path.removeprefix(EMBEDDED_PREFIX), cache_dir))
+        try:
+            self._model = WhisperModel(
+                model_path, device=self.device, compute_type=compute_type, cpu_threads=settings.cpu_threads
+            )
+        except Exception as e:  # CTranslate2/hub raise many types; all mean "no model"
+            raise ModelError(f"could not load Whisper model {settings.model!r}: {e}") from e
+        self._pipeline = BatchedInferencePipeline(self._model)
+        self._pyannote_vad: Any = None
+        self._aligners: dict[str, tuple[Any, dict, str] | None] = {}
+        log.info("loaded Whisper %s on %s (%s)", settings.model, self.device, compute_type)
+
+    @property
+    def english_only(self) -> bool:
+        return not self._model.model.is_multilingual
+
+    def transcribe(self, samples: np.ndarray, language: str | None, progress: ProgressHook = no_progress) -> Transcript:
+        language = check_language(language)
+        if self.english_only and language not in (None, "en"):
+            raise UnsupportedLanguage(f"model {self.model_name} only transcribes English, not {language!r}")
+        if self.english_only:
+            language = "en"
+        progress(STAGE, 0.0, "detecting speech")
+        clips = self._pyannote_clips(samples) if self._settings.vad == "pyannote" else None
+        aligner = None
+        if self._settings.alignment:
+            if language is None:
+                language, _, _ = self._model.detect_language(samples)
+            aligner = self._aligner(language)
+        segments, info = self._pipeline.transcribe(
+            samples,
+            language=language,
+            batch_size=self._settings.batch_size,
+            beam_size=self._settings.beam_size,
+            vad_filter=clips is None,
+            clip_timestamps=clips,
+            chunk_length=int(self._settings.chunk_size_s),
+            word_timestamps=aligner is None,
+        )
+        duration = len(samples) / SAMPLE_RATE
+        result: list[TranscriptSegment] = []
+        for seg in segments:  # a generator: decoding happens as we iterate
+            words = [
+                TimedWord(w.word.strip(), float(w.start), float(w.end), float(w.probability), "recognizer")
+                for w in seg.words or []
+                if w.word.strip()
+            ]
+            result.append(TranscriptSegment(float(seg.start), float(seg.end), seg.text.strip(), words))
+            progress(STAGE, min(seg.end / duration, 0.99), f"transcribed {seg.end:.0f} of {duration:.0f} s")
+        transcript = Transcript(info.language, info.language_probability, result, self.model_name)
+        if aligner is not None and result:
+            model, metadata, name = aligner
+            transcript.segments = self._align(result, samples, model, metadata)
+            transcript.alignment_model = name
+        progress(STAGE, 1.0, f"transcribed {len(transcript.words)} words")
+        return transcript
+
+    def _pyannote_clips(self, samples: np.ndarray) -> list[dict[str, float]]:
+        """WhisperX's own VAD: pyannote segmentation, merged into chunks of at most chunk_size_s."""
+        import torch
+        from whisperx.vads import Pyannote
+
+        onset, offset = 0.5, 0.363  # WhisperX's defaults
+        if self._pyannote_vad is None:
+            self._pyannote_vad = Pyannote(torch.device(self.device), token=None, vad_onset=onset, vad_offset=offset)
+        scores = self._pyannote_vad({"waveform": torch.from_numpy(samples)[None], "sample_rate": SAMPLE_RATE})
+        chunks = Pyannote.merge_chunks(scores, self._settings.chunk_size_s, onset=onset, offset=offset)
+        return [{"start": c["start"], "end": c["end"]} for c in chunks]
+
+    def _aligner(self, language: str) -> tuple[Any, dict, str] | None:
+        """The wav2vec2 aligner for `language`, loaded once; None if none loads (never an error)."""
+        if language not in self._aligners:
+            import whisperx
+
+            name = self._settings.alignment_models.get(language)
+            try:
+                model, metadata = whisperx.load_align_model(language, self.device, model_name=name)
+                self._aligners[language] = (model, metadata, name or f"whisperx-default-{language}")
+            except Exception as e:  # no model for the language, no network, bad name...
+                log.warning("no alignment model for %r (%s); using Whisper word timings", language, e)
+                self._aligners[language] = None
+        return self._aligners[language]
+
+    def _align(
+        self, segments: list[TranscriptSegment], samples: np.ndarray, model: Any, metadata: dict
+    ) -> list[TranscriptSegment]:
+        import whisperx
+
+        aligned = whisperx.align(
+            [{"start": s.start, "end": s.end, "text": s.text} for s in segments],
+            model,
+            metadata,
+            samples,
+            self.device,
+        )
+        out = []
+        for seg in aligned["segments"]:
+            words = [
+                TimedWord(w["word"], w.get("start", np.nan), w.get("end", np.nan), w.get("score"), "aligned")
+                for w in seg.get("words", [])
+            ]
+            out.append(TranscriptSegment(seg["start"], seg["end"], seg["text"].strip(), interpolate_missing(words)))
+        return out
+
+
+def interpolate_missing(words: list[TimedWord]) -> list[TimedWord]:
+    """Give words the aligner could not place (NaN times) the gap between their neighbours."""
+    n = len(words)
+    for i, w in enumerate(words):
+        if np.isfinite(w.start) and np.isfinite(w.end):
+            continue
+        prev_end = next((words[j].end for j in range(i - 1, -1, -1) if np.isfinite(words[j].end)), None)
+        next_start = next((words[j].start for j in range(i + 1, n) if np.isfinite(words[j].start)), None)
+        start = prev_end if prev_end is not None else (next_start or 0.0)
+        end = next_start if next_start is not None else start
+        w.start, w.end, w.timing = float(start), float(max(end, start)), "interpolated"
+    return words

