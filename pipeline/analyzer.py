@@ -92,6 +92,7 @@ class Analyzer:
             )
             result = assemble(transcript, diarization, tracks, audio.duration, metadata)
         progress("assembly", 1.0, "analysis complete")
+        result.metadata.stage_timings = timings  # the model copied the dict before assembly's own entry
         result.metadata.processing_time = round(time.perf_counter() - started, 3)
         return result
 
