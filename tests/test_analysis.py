@@ -194,3 +194,27 @@ def test_cli_writes_srt_and_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", str(tmp_path / "missing.wav")], capture_output=True,
                          text=True)  # fmt: skip
     assert bad.returncode == 2 and "not_found" in bad.stderr
+
+
+def test_language_without_alignment_model_falls_back(settings):
+    """Alignment on, but no wav2vec2 model can load here (no hub, no torchaudio download):
+    the words keep Whisper's own timings and the analysis does not fail."""
+    import soundfile as sf
+
+    from pipeline.asr import WhisperXTranscriber
+
+    transcriber = WhisperXTranscriber(settings.asr.model_copy(update={"alignment": True}), settings.cache_dir)
+    samples, _ = sf.read(fixture_path("sentence_es.flac"), dtype="float32")
+    transcript = transcriber.transcribe(samples, "auto")
+    assert transcript.language == "es" and transcript.alignment_model is None
+    assert transcript.words and all(w.timing == "recognizer" for w in transcript.words)
+
+
+def test_silence_gives_an_empty_result(analyzer, tmp_path):
+    import soundfile as sf
+
+    path = tmp_path / "silence.wav"
+    sf.write(path, np.zeros(3 * 16_000, dtype=np.float32), 16_000)
+    result = analyzer.analyze(str(path), AnalysisOptions(language="en"))
+    assert result.segments == [] and result.text == "" and result.speakers == {}
+    assert result.duration == 3.0
