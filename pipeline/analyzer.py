@@ -86,13 +86,12 @@ class Analyzer:
             metadata = Metadata(
                 processing_time=0.0,
                 model_versions=self.model_versions(transcript.alignment_model),
-                stage_timings=timings,
                 language_probability=transcript.language_probability,
                 device={"whisperx": self.transcriber.device, "diarization": self.diarizer.device},
             )
             result = assemble(transcript, diarization, tracks, audio.duration, metadata)
         progress("assembly", 1.0, "analysis complete")
-        result.metadata.stage_timings = timings  # the model copied the dict before assembly's own entry
+        result.metadata.stage_timings = timings  # set last, so assembly's own time is included
         result.metadata.processing_time = round(time.perf_counter() - started, 3)
         return result
 
