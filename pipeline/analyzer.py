@@ -10,11 +10,11 @@ from contextlib import contextmanager
 
 from pydantic import BaseModel, Field, model_validator
 
-from pipeline.acoustics import frame_tracks, warm_up
-from pipeline.asr import SpeechRecognizer, WhisperXTranscriber, check_language
+from pipeline.acoustics import FrameTracks, frame_tracks, warm_up
+from pipeline.asr import SpeechRecognizer, Transcript, WhisperXTranscriber, check_language
 from pipeline.assembly import assemble
 from pipeline.config import Settings
-from pipeline.diarization import Diarizer, PyannoteDiarizer, check_speaker_counts
+from pipeline.diarization import Diarization, Diarizer, PyannoteDiarizer, check_speaker_counts
 from pipeline.media import Audio, MediaLoader
 from pipeline.progress import StagedProgress
 from pipeline.schemas import AnalysisResult, Metadata
@@ -82,25 +82,35 @@ class Analyzer:
             )
         with _timed(timings, "acoustics"):
             tracks = frame_tracks(samples, self.settings.acoustics, progress)
-        with _timed(timings, "assembly"):
-            metadata = Metadata(
-                processing_time=0.0,
-                model_versions=self.model_versions(transcript.alignment_model),
-                language_probability=transcript.language_probability,
-                device={"whisperx": self.transcriber.device, "diarization": self.diarizer.device},
-            )
-            result = assemble(transcript, diarization, tracks, audio.duration, metadata)
+        result = build_result(transcript, diarization, tracks, audio.duration, timings, started)
         progress("assembly", 1.0, "analysis complete")
-        result.metadata.stage_timings = timings  # set last, so assembly's own time is included
-        result.metadata.processing_time = round(time.perf_counter() - started, 3)
         return result
 
-    def model_versions(self, alignment_model: str | None) -> dict[str, str]:
-        return {
-            "whisperx": self.transcriber.model_name,
-            "diarization": self.diarizer.model_name,
-            "alignment": alignment_model or "none (Whisper word timings)",
-        }
+
+def build_result(
+    transcript: Transcript,
+    diarization: Diarization,
+    tracks: FrameTracks,
+    duration: float,
+    timings: dict[str, float],
+    started: float,
+) -> AnalysisResult:
+    """The last stage, shared by the in-process Analyzer and the Serve graph's ingress."""
+    with _timed(timings, "assembly"):
+        metadata = Metadata(
+            processing_time=0.0,
+            model_versions={
+                "whisperx": transcript.model,
+                "diarization": diarization.model,
+                "alignment": transcript.alignment_model or "none (Whisper word timings)",
+            },
+            language_probability=transcript.language_probability,
+            device={"whisperx": transcript.device, "diarization": diarization.device},
+        )
+        result = assemble(transcript, diarization, tracks, duration, metadata)
+    result.metadata.stage_timings = timings  # set last, so assembly's own time is included
+    result.metadata.processing_time = round(time.perf_counter() - started, 3)
+    return result
 
 
 @contextmanager

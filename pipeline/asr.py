@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.config import AsrSettings, resolve_device
 from pipeline.embedded import EMBEDDED_PREFIX, whisper_model_dir
-from pipeline.errors import ModelError, UnsupportedLanguage
+from pipeline.errors import AnalyzerError, ModelError, UnsupportedLanguage
 from pipeline.media import SAMPLE_RATE
 from pipeline.progress import ProgressHook, no_progress
 from pipeline.schemas import WordTiming
@@ -60,10 +60,20 @@ class Transcript:
     segments: list[TranscriptSegment]
     model: str
     alignment_model: str | None = None
+    device: str = "cpu"
 
     @property
     def words(self) -> list[TimedWord]:
         return [w for s in self.segments for w in s.words]
+
+
+@dataclass
+class TranscriptionRequest:
+    """One file's share of a batch (see `WhisperXTranscriber.transcribe_batch`)."""
+
+    samples: np.ndarray
+    language: str | None
+    progress: ProgressHook = no_progress
 
 
 class SpeechRecognizer(Protocol):
@@ -152,13 +162,23 @@ class WhisperXTranscriber:
             ]
             result.append(TranscriptSegment(float(seg.start), float(seg.end), seg.text.strip(), words))
             progress(STAGE, min(seg.end / duration, 0.99), f"transcribed {seg.end:.0f} of {duration:.0f} s")
-        transcript = Transcript(info.language, info.language_probability, result, self.model_name)
+        transcript = Transcript(info.language, info.language_probability, result, self.model_name, device=self.device)
         if aligner is not None and result:
             model, metadata, name = aligner
             transcript.segments = self._align(result, samples, model, metadata)
             transcript.alignment_model = name
         progress(STAGE, 1.0, f"transcribed {len(transcript.words)} words")
         return transcript
+
+    def transcribe_batch(self, requests: list[TranscriptionRequest]) -> list[Transcript | AnalyzerError]:
+        """Transcribe several files; a file's own error is returned in its place, not raised."""
+        outcomes: list[Transcript | AnalyzerError] = []
+        for r in requests:
+            try:
+                outcomes.append(self.transcribe(r.samples, r.language, r.progress))
+            except AnalyzerError as e:
+                outcomes.append(e)
+        return outcomes
 
     def _pyannote_clips(self, samples: np.ndarray) -> list[dict[str, float]]:
         """WhisperX's own VAD: pyannote segmentation, merged into chunks of at most chunk_size_s."""

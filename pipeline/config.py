@@ -82,6 +82,27 @@ class AcousticSettings(BaseModel):
     n_mfcc: int = 13
 
 
+class JobSettings(BaseModel):
+    """Asynchronous jobs and their callbacks (used by the Serve graph, not the CLI)."""
+
+    db_path: Path = Field(
+        Path.home() / ".local" / "state" / "ecg-audio-analyzer" / "jobs.sqlite3",
+        description="SQLite file holding job state, so finished jobs survive a restart.",
+    )
+    max_active: int = Field(4, ge=1, description="Jobs run through the graph at once; the rest wait in line.")
+    max_waiting: int = Field(100, ge=0, description="Jobs allowed to wait; past this new requests get 503.")
+    callback_timeout_s: float = Field(10.0, description="Timeout of one callback delivery attempt.")
+    callback_attempts: int = Field(8, ge=1, description="Delivery attempts of the final callback.")
+    callback_backoff_s: float = Field(1.0, description="First retry delay; doubles each attempt (with jitter).")
+    callback_backoff_max_s: float = Field(60.0, description="Longest delay between two attempts.")
+    callback_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret (`whsec_<base64>`); when set, every callback carries "
+        "`webhook-id`, `webhook-timestamp` and `webhook-signature` headers.",
+    )
+    progress_interval_s: float = Field(0.5, description="Least time between two progress updates of a stage.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ECG_", env_nested_delimiter="__", extra="forbid")
 
@@ -94,6 +115,7 @@ class Settings(BaseSettings):
     asr: AsrSettings = AsrSettings()
     diarization: DiarizationSettings = DiarizationSettings()
     acoustics: AcousticSettings = AcousticSettings()
+    jobs: JobSettings = JobSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -41,6 +41,7 @@ class SpeakerTurn:
 class Diarization:
     turns: list[SpeakerTurn]
     model: str
+    device: str = "cpu"
 
     def speaking_time(self) -> dict[str, float]:
         """Seconds per speaker; overlapped speech counts for each speaker in it."""
@@ -114,7 +115,7 @@ class PyannoteDiarizer:
             for seg, _, label in annotation.itertracks(yield_label=True)
         ]
         progress(STAGE, 1.0, f"found {len({t.speaker for t in turns})} speakers")
-        return Diarization(relabel(turns), self.model_name)
+        return Diarization(relabel(turns), self.model_name, self.device)
 
 
 def relabel(turns: list[SpeakerTurn]) -> list[SpeakerTurn]:
