@@ -167,7 +167,7 @@ class Ingress:
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+                    "application/json": {"schema": JobRequest.model_json_schema()},
                     "multipart/form-data": {"schema": MULTIPART_FIELDS},
                 },
             }

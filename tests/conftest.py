@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def fixture_path(name: str) -> Path:
 
 def truth(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.json").read_text())
+
+
+def words_of(text: str) -> str:
+    """Lower-case words without punctuation, for WER."""
+    return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
 
 
 def ffmpeg(*args: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
@@ -15,13 +14,9 @@ from pyannote.metrics.diarization import DiarizationErrorRate
 
 from pipeline.analyzer import AnalysisOptions
 from pipeline.errors import InputError, UnsupportedLanguage
-from tests.conftest import ffmpeg, fixture_path, truth
+from tests.conftest import ffmpeg, fixture_path, truth, words_of
 
 TRUTH = truth("dialogue_en")
-
-
-def words_of(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z' ]+", " ", text.lower()).split())
 
 
 def speaker_mapping(result) -> dict[str, str]:

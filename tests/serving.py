@@ -1,0 +1,158 @@
+"""Real parts for the server tests: the product started with `serve run` in a
+child process (its own Ray instance), and an HTTP server that receives callbacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVE = ROOT / ".venv" / "bin" / "serve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`serve run` on a copy of serve_config.yaml that listens on a free loopback port."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        config["http_options"] = {"host": "127.0.0.1", "port": self.port}
+        self.config_path = workdir / "serve_config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        # RAY_ADDRESS=local: always a Ray instance of its own, never one already running here.
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local", **env}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "serve.log"
+        self._proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 420) -> None:
+        log = self.log_path.open("a")
+        serve = SERVE if SERVE.exists() else "serve"
+        # cwd = the repository: the config names configs/default.yaml relative to it, as in the README.
+        self._proc = subprocess.Popen(
+            [str(serve), "run", str(self.config_path)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=10).json().get("status") == "ok":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"server not healthy after {timeout_s} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Ctrl-C, as a user would: serve run shuts Serve and its Ray instance down."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        os.killpg(self._proc.pid, signal.SIGINT)
+        try:
+            self._proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Callback:
+    path: str
+    headers: dict[str, str]
+    raw: bytes
+    answered: int
+
+    @property
+    def body(self) -> dict:
+        return json.loads(self.raw)
+
+    @property
+    def final(self) -> bool:
+        return self.body["status"] in ("completed", "failed")
+
+
+@dataclass
+class CallbackReceiver:
+    """An HTTP server on loopback recording every POST; it can refuse final callbacks on purpose."""
+
+    calls: list[Callback] = field(default_factory=list)
+    refuse_finals: dict[str, int] = field(default_factory=dict)  # path -> how many to answer 500
+    scripted: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer first, in order
+
+    def __post_init__(self) -> None:
+        receiver = self
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+                status = receiver._answer(self.path, raw)
+                with receiver._lock:
+                    receiver.calls.append(Callback(self.path, dict(self.headers), raw, status))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _answer(self, path: str, raw: bytes) -> int:
+        with self._lock:
+            if self.scripted.get(path):
+                return self.scripted[path].pop(0)
+            final = json.loads(raw).get("status") in ("completed", "failed")
+            if final and self.refuse_finals.get(path, 0) > 0:
+                self.refuse_finals[path] -= 1
+                return 500
+        return 200
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}{path}"
+
+    def received(self, path: str) -> list[Callback]:
+        with self._lock:
+            return [c for c in self.calls if c.path == path]
+
+    def wait_final(self, path: str, timeout_s: float = 300) -> list[Callback]:
+        """Every callback to `path`, once one final callback has been accepted (200)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            calls = self.received(path)
+            if any(c.final and c.answered == 200 for c in calls):
+                time.sleep(0.5)  # anything sent after the final one would show up now
+                return self.received(path)
+            time.sleep(0.2)
+        raise TimeoutError(f"no final callback on {path} within {timeout_s} s; got {len(self.received(path))}")
+
+    def close(self) -> None:
+        self._server.shutdown()

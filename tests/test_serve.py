@@ -1,0 +1,289 @@
+"""The product as users run it: `serve run` on serve_config.yaml (a real Ray
+instance of its own, the real embedded models), called over HTTP on loopback,
+with callbacks going to a real HTTP receiver.
+
+One server serves the whole module (models load once); the last test restarts it.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+
+import httpx
+import jiwer
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from pipeline.schemas import AnalysisResult
+from tests.conftest import ffmpeg, fixture_path, truth, words_of
+from tests.serving import CallbackReceiver, ServeProcess
+
+SECRET = "whsec_" + base64.b64encode(b"callback-signing-key-for-tests-0").decode()
+S3_SECRET = "s3-secret-that-must-never-be-logged"
+JOBS = "/api/upload-video/process-video"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, settings):
+    workdir = tmp_path_factory.mktemp("serve")
+    env = {
+        "ECG_CACHE_DIR": str(settings.cache_dir),
+        "ECG_JOBS__DB_PATH": str(workdir / "jobs.sqlite3"),
+        "ECG_JOBS__CALLBACK_SECRET": SECRET,
+        "ECG_JOBS__CALLBACK_BACKOFF_S": "0.2",
+        "ECG_S3__SECRET_ACCESS_KEY": S3_SECRET,
+        "HF_HUB_OFFLINE": "1",
+    }
+    process = ServeProcess(workdir, env)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = CallbackReceiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def sync_dialogue(client) -> httpx.Response:
+    return client.post("/transcribe", json={"audio_path": str(fixture_path("dialogue_en.flac")), "job_id": "sync-1"})
+
+
+@pytest.fixture(scope="module")
+def async_dialogue(client, receiver) -> list:
+    """The dialogue as an async job: every callback it caused, once the final one arrived."""
+    response = client.post(
+        JOBS,
+        json={
+            "audio_path": str(fixture_path("dialogue_en.flac")),
+            "callback_url": receiver.url("/dialogue"),
+            "job_id": "async-1",
+        },
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["job_id"] == "async-1"
+    return receiver.wait_final("/dialogue")
+
+
+def submit(client, receiver, name: str, path: str, **fields) -> str:
+    body = {"audio_path": str(fixture_path(f"{name}.flac")), "callback_url": receiver.url(path), **fields}
+    response = client.post(JOBS, json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["job_id"]
+
+
+def assert_dialogue(result: dict) -> None:
+    AnalysisResult.model_validate(result)
+    assert result["language"] == "en"
+    assert len(result["speakers"]) == 2
+    reference = words_of(" ".join(t["text"] for t in truth("dialogue_en")["turns"]))
+    assert jiwer.wer(reference, words_of(result["text"])) <= 0.10
+
+
+def test_health_reports_every_stage(client):
+    body = client.get("/health").json()
+    assert body["status"] == "ok"
+    assert set(body["deployments"]) == {"extraction", "transcription", "diarization", "acoustics"}
+    assert all(d["ready"] for d in body["deployments"].values())
+    assert body["deployments"]["transcription"]["model"] == "embedded:whisper-base"
+    assert body["deployments"]["diarization"]["device"] == "cpu"
+
+
+def test_transcribe_returns_the_response(sync_dialogue):
+    assert sync_dialogue.status_code == 200, sync_dialogue.text
+    body = sync_dialogue.json()
+    assert set(body) == {"segments", "speakers", "text", "language", "duration", "metadata"}
+    assert_dialogue(body)
+    timings = body["metadata"]["stage_timings"]
+    assert set(timings) == {"media", "transcription", "diarization", "acoustics", "assembly"}
+    # The three middle stages ran concurrently: the whole took less than their sum.
+    concurrent = timings["transcription"] + timings["diarization"] + timings["acoustics"]
+    assert body["metadata"]["processing_time"] < concurrent
+    assert sync_dialogue.headers["x-job-id"] == "sync-1"
+
+
+def test_sync_analysis_is_recorded_as_a_job(client, sync_dialogue):
+    job = client.get("/jobs/sync-1").json()
+    assert job["status"] == "completed"
+    assert job["result"] == sync_dialogue.json()
+    assert client.post("/transcribe", json={"audio_path": "x.wav", "job_id": "sync-1"}).status_code == 409
+
+
+def test_async_job_progress_then_one_final_callback(client, async_dialogue):
+    statuses = [c.body["status"] for c in async_dialogue]
+    # "queued" is sent unless "processing" replaced it before the first delivery.
+    assert statuses[0] in ("queued", "processing") and statuses[-1] == "completed"
+    assert statuses.count("completed") == 1 and "failed" not in statuses
+    assert set(statuses[1:-1]) == {"processing"} and len(statuses) >= 5
+    progress = [c.body["progress"] for c in async_dialogue]
+    assert progress == sorted(progress), progress
+    assert progress[-1] == 100 and max(progress[:-1]) < 100
+    final = async_dialogue[-1].body
+    assert set(final) == {"job_id", "status", "progress", "message", "result", "error"}
+    assert_dialogue(final["result"])
+    job = client.get("/jobs/async-1").json()
+    assert job["status"] == "completed" and job["progress"] == 100
+    assert final["result"] == job["result"]
+
+
+def test_callbacks_carry_standard_webhook_signatures(async_dialogue):
+    webhook = Webhook(SECRET)
+    for call in async_dialogue:
+        assert webhook.verify(call.raw, call.headers)["job_id"] == "async-1"
+    assert len({c.headers["webhook-id"] for c in async_dialogue}) == len(async_dialogue)
+    with pytest.raises(WebhookVerificationError):  # a wrong key must not verify
+        Webhook("whsec_" + base64.b64encode(b"another-key-of-32-bytes-length!!").decode()).verify(
+            async_dialogue[0].raw, async_dialogue[0].headers
+        )
+
+
+def test_resubmitting_a_job_id_returns_that_job(client, receiver, async_dialogue):
+    before = len(receiver.received("/dialogue"))
+    again = client.post(JOBS, json={"audio_path": "whatever.wav", "job_id": "async-1"})
+    assert again.status_code == 200
+    assert again.json()["status"] == "completed"
+    assert len(receiver.received("/dialogue")) == before  # not run again, no new callbacks
+
+
+def test_multipart_upload_job(client, receiver):
+    with fixture_path("sentence_de.flac").open("rb") as f:
+        response = client.post(
+            JOBS,
+            files={"file": ("sentence_de.flac", f, "audio/flac")},
+            data={"callback_url": receiver.url("/upload"), "language": "auto"},
+        )
+    assert response.status_code == 202, response.text
+    final = receiver.wait_final("/upload")[-1].body
+    assert final["status"] == "completed"
+    assert final["result"]["language"] == "de"
+    assert "park" in final["result"]["text"].lower()
+    job = client.get(f"/jobs/{response.json()['job_id']}").json()
+    assert job["source"] == "sentence_de.flac"
+    assert job["result"] == final["result"]
+
+
+def test_four_concurrent_jobs(client, receiver):
+    names = ["dialogue_en", "sentence_es", "sentence_de", "sentence_fr"]
+    ids = {name: submit(client, receiver, name, f"/many/{name}") for name in names}
+    for name in names:
+        final = receiver.wait_final(f"/many/{name}")[-1].body
+        assert final["status"] == "completed", final
+        assert final["result"]["language"] == truth(name)["language"]
+    assert_dialogue(receiver.received("/many/dialogue_en")[-1].body["result"])
+    jobs = [client.get(f"/jobs/{job_id}").json() for job_id in ids.values()]
+    # They ran side by side: every job started before any of them finished.
+    assert max(datetime.fromisoformat(j["started_at"]) for j in jobs) < min(
+        datetime.fromisoformat(j["finished_at"]) for j in jobs
+    )
+
+
+@pytest.fixture(scope="module")
+def silent_video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("media") / "silent.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=5", "-t", "1", "-pix_fmt", "yuv420p", str(path))
+    return path
+
+
+ES = "tests/fixtures/sentence_es.flac"
+BAD_REQUESTS = {
+    "no source": ({}, 400, "invalid_input"),
+    "missing file": ({"audio_path": "/no/such/file.wav"}, 404, "not_found"),
+    "not media": ({"audio_path": "README.md"}, 415, "not_media"),
+    "no audio stream": ({"video_path": "SILENT_VIDEO"}, 422, "no_audio_stream"),
+    "unknown language": ({"audio_path": ES, "language": "xx"}, 400, "unsupported_language"),
+    "min above max": ({"audio_path": ES, "min_speakers": 3, "max_speakers": 2}, 400, "invalid_input"),
+    "wrong type": ({"audio_path": ES, "num_speakers": "many"}, 422, "invalid_input"),
+    "bad job id": ({"audio_path": ES, "job_id": "../etc"}, 422, "invalid_input"),
+}  # fmt: skip
+
+
+def resolve(body: dict, silent_video) -> dict:
+    from tests.serving import ROOT
+
+    out = {}
+    for key, value in body.items():
+        if value == "SILENT_VIDEO":
+            value = str(silent_video)
+        elif key.endswith("_path") and not value.startswith("/"):
+            value = str(ROOT / value)
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_its_4xx(client, silent_video, case):
+    body, status, code = BAD_REQUESTS[case]
+    response = client.post("/transcribe", json=resolve(body, silent_video))
+    assert response.status_code == status, response.text
+    assert response.json()["error"] == code
+    assert response.json()["message"]
+
+
+def test_malformed_json_and_unknown_job(client):
+    response = client.post("/transcribe", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"] == "invalid_input"
+    response = client.get("/jobs/no-such-job")
+    assert response.status_code == 404 and response.json()["error"] == "unknown_job"
+    response = client.post(JOBS, json={"audio_path": "a.wav", "callback_url": "ftp://example.com/x"})
+    assert response.status_code == 400 and "callback_url" in response.json()["message"]
+
+
+def test_failed_job_sends_a_failed_callback(client, receiver, silent_video):
+    response = client.post(JOBS, json={"video_path": str(silent_video), "callback_url": receiver.url("/bad")})
+    assert response.status_code == 202
+    calls = receiver.wait_final("/bad")
+    final = calls[-1].body
+    assert final["status"] == "failed" and final["result"] is None
+    assert final["error"]["code"] == "no_audio_stream"
+    assert "no audio stream" in final["message"]
+    assert sum(c.final for c in calls) == 1
+    job = client.get(f"/jobs/{response.json()['job_id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "no_audio_stream"
+
+
+def test_final_callback_is_retried_until_delivered(client, receiver):
+    receiver.refuse_finals["/flaky"] = 2
+    submit(client, receiver, "sentence_es", "/flaky")
+    finals = [c for c in receiver.wait_final("/flaky") if c.final]
+    assert [c.answered for c in finals] == [500, 500, 200]
+    assert len({c.headers["webhook-id"] for c in finals}) == 1  # one message, retried
+    assert finals[-1].body["status"] == "completed"
+
+
+def test_openapi_documents_every_route(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/health", "/transcribe", JOBS, "/jobs/{job_id}"} <= set(spec["paths"])
+    assert {"AnalysisResult", "AnalysisRequest", "JobView", "JobAccepted", "ErrorBody", "Health"} <= set(
+        spec["components"]["schemas"]
+    )
+    content = spec["paths"][JOBS]["post"]["requestBody"]["content"]
+    assert "callback_url" in content["application/json"]["schema"]["properties"]
+    assert content["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
+    assert client.get("/docs").status_code == 200
+
+
+def test_secrets_never_reach_the_log(server, async_dialogue):
+    log = server.log_path.read_text(errors="replace")
+    assert "Importing application" in log  # the log is the server's own
+    for secret in (SECRET, SECRET.removeprefix("whsec_"), S3_SECRET):
+        assert secret not in log
+
+
+def test_finished_jobs_survive_a_restart(server, client, async_dialogue):
+    before = client.get("/jobs/async-1").json()
+    assert before["status"] == "completed"
+    server.stop()
+    server.start()
+    after = httpx.get(f"{server.url}/jobs/async-1", timeout=30).json()
+    assert after == before
