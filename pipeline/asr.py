@@ -76,6 +76,17 @@ class TranscriptionRequest:
     progress: ProgressHook = no_progress
 
 
+@dataclass
+class _Prepared:
+    """A request after VAD and language detection, ready to be decoded."""
+
+    request: TranscriptionRequest
+    language: str
+    probability: float | None
+    clips: list[dict[str, float]]
+    aligner: tuple[Any, dict, str] | None
+
+
 class SpeechRecognizer(Protocol):
     model_name: str
     device: str
@@ -130,55 +141,126 @@ class WhisperXTranscriber:
         return not self._model.model.is_multilingual
 
     def transcribe(self, samples: np.ndarray, language: str | None, progress: ProgressHook = no_progress) -> Transcript:
-        language = check_language(language)
+        (outcome,) = self.transcribe_batch([TranscriptionRequest(samples, language, progress)])
+        if isinstance(outcome, AnalyzerError):
+            raise outcome
+        return outcome
+
+    def transcribe_batch(self, requests: list[TranscriptionRequest]) -> list[Transcript | AnalyzerError]:
+        """Transcribe several files, decoding their speech chunks together.
+
+        Files of one language are laid end to end on one timeline, and their
+        VAD chunks go to Whisper as one list of clips, so `batch_size` chunks
+        of different files share each model call. A file's own error (bad
+        language) is returned in its place instead of failing the others.
+        """
+        outcomes: list[Transcript | AnalyzerError | None] = [None] * len(requests)
+        prepared: dict[int, _Prepared] = {}
+        for i, request in enumerate(requests):
+            try:
+                prepared[i] = self._prepare(request)
+            except AnalyzerError as e:
+                outcomes[i] = e
+        by_language: dict[str, list[int]] = {}
+        for i, p in prepared.items():
+            by_language.setdefault(p.language, []).append(i)
+        for language, indices in by_language.items():
+            decoded = self._decode_together(language, [prepared[i] for i in indices])
+            for i, segments in zip(indices, decoded, strict=True):
+                outcomes[i] = self._finish(prepared[i], segments)
+        return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def _prepare(self, request: TranscriptionRequest) -> _Prepared:
+        language = check_language(request.language)
         if self.english_only and language not in (None, "en"):
             raise UnsupportedLanguage(f"model {self.model_name} only transcribes English, not {language!r}")
+        request.progress(STAGE, 0.0, "detecting speech")
+        clips = self._speech_clips(request.samples)
+        probability: float | None = 1.0
         if self.english_only:
             language = "en"
-        progress(STAGE, 0.0, "detecting speech")
-        clips = self._pyannote_clips(samples) if self._settings.vad == "pyannote" else None
-        aligner = None
-        if self._settings.alignment:
-            if language is None:
-                language, _, _ = self._model.detect_language(samples)
-            aligner = self._aligner(language)
-        segments, info = self._pipeline.transcribe(
-            samples,
+        elif language is None and clips:
+            language, probability = self._detect_language(request.samples, clips)
+        elif language is None:
+            language, probability = "en", None  # no speech: nothing to detect, nothing to transcribe
+        aligner = self._aligner(language) if self._settings.alignment else None
+        return _Prepared(request, language, probability, clips, aligner)
+
+    def _speech_clips(self, samples: np.ndarray) -> list[dict[str, float]]:
+        """Speech regions merged into chunks of at most chunk_size_s, in seconds (WhisperX's recipe)."""
+        if self._settings.vad == "pyannote":
+            return self._pyannote_clips(samples)
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        limit = self._settings.chunk_size_s
+        speech = get_speech_timestamps(samples, VadOptions(max_speech_duration_s=limit, min_silence_duration_ms=160))
+        chunks: list[dict[str, float]] = []
+        for region in speech:
+            start, end = region["start"] / SAMPLE_RATE, region["end"] / SAMPLE_RATE
+            if chunks and end - chunks[-1]["start"] <= limit:
+                chunks[-1]["end"] = end
+            else:
+                chunks.append({"start": start, "end": end})
+        return chunks
+
+    def _detect_language(self, samples: np.ndarray, clips: list[dict[str, float]]) -> tuple[str, float]:
+        """Whisper's language guess from the speech chunks' features, computed as
+        faster-whisper's batched pipeline does (one dummy frame keeps short input valid)."""
+        extract = self._model.feature_extractor
+        features = [
+            extract(samples[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)])[..., :-1] for c in clips
+        ]
+        features.append(np.full((self._model.model.n_mels, 1), -1.5, dtype=np.float32))
+        language, probability, _ = self._model.detect_language(features=np.concatenate(features, axis=1))
+        return language, float(probability)
+
+    def _decode_together(self, language: str, files: list[_Prepared]) -> list[list[TranscriptSegment]]:
+        offsets = np.cumsum([0] + [len(f.request.samples) for f in files[:-1]])
+        clips = [
+            {"start": c["start"] + offset / SAMPLE_RATE, "end": c["end"] + offset / SAMPLE_RATE}
+            for f, offset in zip(files, offsets, strict=True)
+            for c in f.clips
+        ]
+        results: list[list[TranscriptSegment]] = [[] for _ in files]
+        if not clips:
+            return results
+        timeline = np.concatenate([f.request.samples for f in files]) if len(files) > 1 else files[0].request.samples
+        segments, _ = self._pipeline.transcribe(
+            timeline,
             language=language,
             batch_size=self._settings.batch_size,
             beam_size=self._settings.beam_size,
-            vad_filter=clips is None,
+            vad_filter=False,
             clip_timestamps=clips,
             chunk_length=int(self._settings.chunk_size_s),
-            word_timestamps=aligner is None,
+            word_timestamps=files[0].aligner is None,  # one language, so one aligner (or none) for all
         )
-        duration = len(samples) / SAMPLE_RATE
-        result: list[TranscriptSegment] = []
         for seg in segments:  # a generator: decoding happens as we iterate
+            owner = int(np.searchsorted(offsets, round(seg.start * SAMPLE_RATE), side="right")) - 1
+            shift = offsets[owner] / SAMPLE_RATE
             words = [
-                TimedWord(w.word.strip(), float(w.start), float(w.end), float(w.probability), "recognizer")
+                TimedWord(
+                    w.word.strip(), float(w.start - shift), float(w.end - shift), float(w.probability), "recognizer"
+                )
                 for w in seg.words or []
                 if w.word.strip()
             ]
-            result.append(TranscriptSegment(float(seg.start), float(seg.end), seg.text.strip(), words))
-            progress(STAGE, min(seg.end / duration, 0.99), f"transcribed {seg.end:.0f} of {duration:.0f} s")
-        transcript = Transcript(info.language, info.language_probability, result, self.model_name, device=self.device)
-        if aligner is not None and result:
-            model, metadata, name = aligner
-            transcript.segments = self._align(result, samples, model, metadata)
-            transcript.alignment_model = name
-        progress(STAGE, 1.0, f"transcribed {len(transcript.words)} words")
-        return transcript
+            start, end = float(seg.start - shift), float(seg.end - shift)
+            results[owner].append(TranscriptSegment(start, end, seg.text.strip(), words))
+            duration = len(files[owner].request.samples) / SAMPLE_RATE
+            files[owner].request.progress(
+                STAGE, min(end / duration, 0.99), f"transcribed {end:.0f} of {duration:.0f} s"
+            )
+        return results
 
-    def transcribe_batch(self, requests: list[TranscriptionRequest]) -> list[Transcript | AnalyzerError]:
-        """Transcribe several files; a file's own error is returned in its place, not raised."""
-        outcomes: list[Transcript | AnalyzerError] = []
-        for r in requests:
-            try:
-                outcomes.append(self.transcribe(r.samples, r.language, r.progress))
-            except AnalyzerError as e:
-                outcomes.append(e)
-        return outcomes
+    def _finish(self, file: _Prepared, segments: list[TranscriptSegment]) -> Transcript:
+        transcript = Transcript(file.language, file.probability, segments, self.model_name, device=self.device)
+        if file.aligner is not None and segments:
+            model, metadata, name = file.aligner
+            transcript.segments = self._align(segments, file.request.samples, model, metadata)
+            transcript.alignment_model = name
+        file.request.progress(STAGE, 1.0, f"transcribed {len(transcript.words)} words")
+        return transcript
 
     def _pyannote_clips(self, samples: np.ndarray) -> list[dict[str, float]]:
         """WhisperX's own VAD: pyannote segmentation, merged into chunks of at most chunk_size_s."""

@@ -213,3 +213,29 @@ def test_silence_gives_an_empty_result(analyzer, tmp_path):
     result = analyzer.analyze(str(path), AnalysisOptions(language="en"))
     assert result.segments == [] and result.text == "" and result.speakers == {}
     assert result.duration == 3.0
+
+
+def test_batch_shares_decoding_and_matches_one_by_one(analyzer, dialogue_samples):
+    import soundfile as sf
+
+    from pipeline.asr import TranscriptionRequest
+
+    es, _ = sf.read(fixture_path("sentence_es.flac"), dtype="float32")
+    de, _ = sf.read(fixture_path("sentence_de.flac"), dtype="float32")
+    progress: list[float] = []
+    requests = [
+        TranscriptionRequest(es, None, lambda stage, f, m: progress.append(f)),
+        TranscriptionRequest(dialogue_samples, "en"),
+        TranscriptionRequest(de, None),
+        TranscriptionRequest(es, "xx"),  # its own error, not the batch's
+    ]
+    batch = analyzer.transcriber.transcribe_batch(requests)
+    assert isinstance(batch[3], UnsupportedLanguage)
+    assert [t.language for t in batch[:3]] == ["es", "en", "de"]
+    assert progress[0] == 0.0 and progress[-1] == 1.0 and progress == sorted(progress)
+    for samples, language, batched in ((es, None, batch[0]), (dialogue_samples, "en", batch[1])):
+        alone = analyzer.transcriber.transcribe(samples, language)
+        assert [s.text for s in batched.segments] == [s.text for s in alone.segments]
+        assert [w.start for w in batched.words] == pytest.approx([w.start for w in alone.words], abs=0.02)
+        duration = len(samples) / 16_000
+        assert all(0 <= w.start <= w.end <= duration + 0.05 for w in batched.words)
