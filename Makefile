@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (Debian/Ubuntu, Python 3.11):
-#   make demo   install everything, then analyse the sample dialogue
+#   make serve  install everything, then run the product: serve run serve_config.yaml
 #   make test   install everything, then run the test suite
+# Also: make demo (the CLI on the sample dialogue), make bench, make lint.
 # Both are idempotent: the install steps are skipped once done.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := ffmpeg espeak-ng sox
 
-.PHONY: setup system-packages demo test serve lint bench
+.PHONY: setup system-packages serve demo test lint bench
 
 setup: system-packages $(VENV)/.installed
 
@@ -25,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python -q -e ".[test]"
 	touch $@
 
+serve: setup
+	$(BIN)/serve run serve_config.yaml
+
 demo: setup
 	$(BIN)/ecg-analyze tests/fixtures/dialogue_en.flac
 
@@ -36,3 +40,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_serve.py

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
@@ -68,7 +67,5 @@ def as_analyzer_error(e: BaseException) -> AnalyzerError:
         return Overloaded("a stage is at capacity; retry later")
     if isinstance(e, ActorDiedError | ActorUnavailableError):
         return ModelError("a stage replica died while processing; retry the request")
-    if isinstance(e, asyncio.CancelledError):
-        return AnalyzerError("the analysis was cancelled")
     log.error("unexpected failure in the graph", exc_info=e)
     return ModelError(f"a stage failed unexpectedly ({type(e).__name__})")

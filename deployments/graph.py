@@ -3,7 +3,7 @@ transcription, diarization and acoustic tracks concurrently; then assembly.
 
 The decoded audio stays in Ray's object store: the extraction's response is
 handed to the three stages as is, so each replica (on any node) reads it from
-there and the ingress never copies it.
+there. The ingress reads it too, for its duration only (a zero-copy view).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from pipeline.media import choose_source
 from pipeline.schemas import AnalysisResult
 
 log = logging.getLogger(__name__)
+CANCELLED = JobError(code="cancelled", message="the client closed the connection before the analysis finished")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
@@ -224,10 +225,13 @@ class Ingress:
                     result = await self._graph.analyze(source, options, progress, timings={})
                 finally:
                     self._running -= 1
-        except BaseException as e:
+        except asyncio.CancelledError:  # a /transcribe client went away: Serve cancels its request
+            await asyncio.shield(self._tracker.fail.remote(job_id, CANCELLED))
+            raise
+        except Exception as e:
             error = as_analyzer_error(e)
             self._metrics.requests_failed.inc(tags={"code": error.code})
-            await asyncio.shield(self._tracker.fail.remote(job_id, JobError(code=error.code, message=str(error))))
+            await self._tracker.fail.remote(job_id, JobError(code=error.code, message=str(error)))
             if error is e:
                 raise
             raise error from e

@@ -19,6 +19,7 @@ decodes without timestamps and could not give words times without alignment.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,10 +126,12 @@ class WhisperXTranscriber:
         model_path = settings.model
         if model_path.startswith(EMBEDDED_PREFIX):
             model_path = str(whisper_model_dir(model_path.removeprefix(EMBEDDED_PREFIX), cache_dir))
+        # 0 means "one per core" explicitly: CTranslate2's own default follows
+        # OMP_NUM_THREADS, which Ray sets to a replica's num_cpus (1 here), and
+        # a single-threaded decoder would dominate the whole analysis.
+        threads = settings.cpu_threads or os.cpu_count() or 1
         try:
-            self._model = WhisperModel(
-                model_path, device=self.device, compute_type=compute_type, cpu_threads=settings.cpu_threads
-            )
+            self._model = WhisperModel(model_path, device=self.device, compute_type=compute_type, cpu_threads=threads)
         except Exception as e:  # CTranslate2/hub raise many types; all mean "no model"
             raise ModelError(f"could not load Whisper model {settings.model!r}: {e}") from e
         self._pipeline = BatchedInferencePipeline(self._model)
