@@ -53,6 +53,8 @@ class JobTracker:
         """Register a job; (the job, True) if new, (the existing job, False) if the id is taken."""
         await self._ready()
         existing = await self._get(job_id)
+        # Checked again after the await: the same id may have arrived meanwhile.
+        existing = self._live.get(job_id, existing)
         if existing is not None:
             return existing.view(), False
         job = Job(job_id=job_id, status=JobStatus.queued, message="queued", source=redact(source), created_at=now())

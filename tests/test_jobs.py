@@ -171,3 +171,12 @@ def test_errors_map_to_http_statuses():
     assert http_status(ModelError("x")) == 500
     assert isinstance(as_analyzer_error(BackPressureError(num_queued_requests=5, max_queued_requests=5)), Overloaded)
     assert isinstance(as_analyzer_error(RuntimeError("boom")), ModelError)
+
+
+def test_same_job_id_submitted_twice_at_once_creates_one_job(tmp_path):
+    async def scenario():
+        tracker = JobTracker(job_settings(tmp_path), WEIGHTS)
+        return await asyncio.gather(*(tracker.submit("twin", "a.wav", None) for _ in range(2)))
+
+    (_, first), (_, second) = asyncio.run(scenario())
+    assert sorted([first, second]) == [False, True]
