@@ -180,3 +180,21 @@ def test_same_job_id_submitted_twice_at_once_creates_one_job(tmp_path):
 
     (_, first), (_, second) = asyncio.run(scenario())
     assert sorted([first, second]) == [False, True]
+
+
+def test_dead_receiver_does_not_hold_up_other_jobs(tmp_path, receiver):
+    async def scenario():
+        settings = job_settings(tmp_path, callback_attempts=6, callback_backoff_s=1.0, callback_timeout_s=1)
+        tracker = JobTracker(settings, WEIGHTS)
+        await tracker.submit("stuck", "a.wav", "http://127.0.0.1:9/dead")  # connection refused, retried
+        await tracker.start("stuck")
+        await tracker.complete("stuck", RESULT)
+        t0 = time.monotonic()
+        await run_job(tracker, "fine", receiver.url("/fine"))
+        while not any(c.final for c in receiver.received("/fine")):
+            await asyncio.sleep(0.05)
+        return time.monotonic() - t0, "stuck" in tracker._channels
+
+    elapsed, still_retrying = asyncio.run(scenario())
+    assert still_retrying  # the dead receiver's final callback is still being retried...
+    assert elapsed < 3  # ...while the other job's callbacks went through at once
