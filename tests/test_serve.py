@@ -8,7 +8,11 @@ One server serves the whole module (models load once); the last test restarts it
 from __future__ import annotations
 
 import base64
+import json
+import os
+import time
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import jiwer
@@ -278,6 +282,23 @@ def test_secrets_never_reach_the_log(server, async_dialogue):
     assert "Importing application" in log  # the log is the server's own
     for secret in (SECRET, SECRET.removeprefix("whsec_"), S3_SECRET):
         assert secret not in log
+
+
+def test_custom_metrics_reach_prometheus(server, async_dialogue):
+    """The app's metrics are served by Ray's metrics agent, where the dashboard and Prometheus read them."""
+    session = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "session_latest"
+    discovery = json.loads((session / "prom_metrics_service_discovery.json").read_text())
+    targets = [target for group in discovery for target in group["targets"]]
+    wanted = {"ecg_audio_seconds_total", "ecg_stage_latency_seconds", "ecg_real_time_factor", "ecg_jobs"}
+    deadline = time.monotonic() + 90  # metrics are exported every few seconds
+    while True:
+        text = "".join(httpx.get(f"http://{t}/metrics", timeout=10).text for t in targets)
+        missing = {m for m in wanted if f"ray_{m}" not in text}
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert not missing, f"not exported: {missing}"
+    assert 'ray_ecg_stage_latency_seconds_count{' in text and 'stage="transcription"' in text
 
 
 def test_finished_jobs_survive_a_restart(server, client, async_dialogue):
