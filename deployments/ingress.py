@@ -151,9 +151,8 @@ class Ingress:
         """Analyse one file and answer with the result (synchronous; use jobs for long files)."""
         options = _options(body)
         source = choose_source(body.video_path, body.audio_path)
-        self._admit()
         job_id = body.job_id or uuid.uuid4().hex
-        _, created = await self._tracker.submit.remote(job_id, source, None)
+        _, created = await self._register(job_id, source, None)
         if not created:
             raise JobExists(f"job {job_id} exists already; GET /jobs/{job_id}")
         response.headers["x-job-id"] = job_id
@@ -183,10 +182,9 @@ class Ingress:
         body, upload = await self._read_job_request(request)
         options = _options(body)
         source: str | Upload = upload or choose_source(body.video_path, body.audio_path)
-        self._admit()
         job_id = body.job_id or uuid.uuid4().hex
         label = source.filename if isinstance(source, Upload) else source
-        job, created = await self._tracker.submit.remote(job_id, label, body.callback_url)
+        job, created = await self._register(job_id, label, body.callback_url)
         if created:
             task = asyncio.create_task(self._execute(job_id, source, options))
             self._background.add(task)
@@ -207,14 +205,27 @@ class Ingress:
 
     # -- running analyses -----------------------------------------------------
 
-    def _admit(self) -> None:
+    async def _register(self, job_id: str, label: str, callback_url: str | None) -> tuple[JobView, bool]:
+        """Admit an analysis and record its job; (the job, True) when the caller must now `_execute` it.
+
+        The admission is counted before the first await, so a burst of requests
+        cannot all slip past the limit; `_execute` gives it back when done.
+        """
         jobs = self._settings.jobs
         if self._admitted >= jobs.max_active + jobs.max_waiting:
             raise Overloaded(f"{self._admitted} analyses are running or waiting; retry later")
+        self._admitted += 1
+        created = False
+        try:
+            job, created = await self._tracker.submit.remote(job_id, label, callback_url)
+        finally:
+            if not created:
+                self._admitted -= 1
+        self._report_occupancy()
+        return job, created
 
     async def _execute(self, job_id: str, source: str | Upload, options: AnalysisOptions) -> AnalysisResult:
-        self._admitted += 1
-        self._report_occupancy()
+        """Run a registered analysis; its job ends completed or failed, and its admission is released."""
         try:
             async with self._slots:
                 self._running += 1

@@ -37,6 +37,7 @@ def server(tmp_path_factory, settings):
         "ECG_JOBS__DB_PATH": str(workdir / "jobs.sqlite3"),
         "ECG_JOBS__CALLBACK_SECRET": SECRET,
         "ECG_JOBS__CALLBACK_BACKOFF_S": "0.2",
+        "ECG_JOBS__MAX_WAITING": "2",  # 4 running + 2 waiting: a burst of 8 must meet a 503
         "ECG_S3__SECRET_ACCESS_KEY": S3_SECRET,
         "HF_HUB_OFFLINE": "1",
     }
@@ -192,6 +193,23 @@ def test_four_concurrent_jobs(client, receiver):
     )
 
 
+def test_a_burst_past_capacity_gets_503_and_loses_no_job(client, receiver):
+    answers = [
+        client.post(
+            JOBS,
+            json={"audio_path": str(fixture_path("sentence_es.flac")), "callback_url": receiver.url(f"/burst/{i}")},
+        )
+        for i in range(8)
+    ]
+    accepted = [i for i, r in enumerate(answers) if r.status_code == 202]
+    refused = [r for r in answers if r.status_code == 503]
+    assert len(accepted) == 6 and len(refused) == 2, [r.status_code for r in answers]
+    assert all(r.json()["error"] == "overloaded" and r.headers["retry-after"] for r in refused)
+    for i in accepted:
+        assert receiver.wait_final(f"/burst/{i}")[-1].body["status"] == "completed"
+    assert client.post(JOBS, json={"audio_path": str(fixture_path("sentence_es.flac"))}).status_code == 202
+
+
 @pytest.fixture(scope="module")
 def silent_video(tmp_path_factory):
     path = tmp_path_factory.mktemp("media") / "silent.mp4"
@@ -298,7 +316,7 @@ def test_custom_metrics_reach_prometheus(server, async_dialogue):
             break
         time.sleep(3)
     assert not missing, f"not exported: {missing}"
-    assert 'ray_ecg_stage_latency_seconds_count{' in text and 'stage="transcription"' in text
+    assert "ray_ecg_stage_latency_seconds_count{" in text and 'stage="transcription"' in text
 
 
 def test_finished_jobs_survive_a_restart(server, client, async_dialogue):
