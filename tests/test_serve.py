@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipeline.schemas import AnalysisResult
 from tests.conftest import ffmpeg, fixture_path, truth, words_of
-from tests.serving import CallbackReceiver, ServeProcess
+from tests.serving import ROOT, CallbackReceiver, ServeProcess
 
 SECRET = "whsec_" + base64.b64encode(b"callback-signing-key-for-tests-0").decode()
 S3_SECRET = "s3-secret-that-must-never-be-logged"
@@ -227,12 +227,10 @@ BAD_REQUESTS = {
     "min above max": ({"audio_path": ES, "min_speakers": 3, "max_speakers": 2}, 400, "invalid_input"),
     "wrong type": ({"audio_path": ES, "num_speakers": "many"}, 422, "invalid_input"),
     "bad job id": ({"audio_path": ES, "job_id": "../etc"}, 422, "invalid_input"),
-}  # fmt: skip
+}
 
 
 def resolve(body: dict, silent_video) -> dict:
-    from tests.serving import ROOT
-
     out = {}
     for key, value in body.items():
         if value == "SILENT_VIDEO":
