@@ -19,6 +19,7 @@ decodes without timestamps and could not give words times without alignment.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from pipeline.schemas import WordTiming
 
 log = logging.getLogger(__name__)
 STAGE = "transcription"
+WHISPER_WINDOW_S = 30.0  # the encoder's fixed input (3000 mel frames), whatever chunk_size_s is
 
 
 @dataclass
@@ -66,6 +68,22 @@ class Transcript:
     @property
     def words(self) -> list[TimedWord]:
         return [w for s in self.segments for w in s.words]
+
+
+@dataclass(frozen=True)
+class LanguageGuess:
+    """Whisper's language probabilities averaged over the detection windows, best first."""
+
+    probabilities: list[tuple[str, float]]
+    windows: int
+
+    @property
+    def language(self) -> str:
+        return self.probabilities[0][0]
+
+    @property
+    def probability(self) -> float:
+        return self.probabilities[0][1]
 
 
 @dataclass
@@ -183,7 +201,8 @@ class WhisperXTranscriber:
         if self.english_only:
             language = "en"
         elif language is None and clips:
-            language, probability = self._detect_language(request.samples, clips)
+            guess = self._detect_language(request.samples, clips)
+            language, probability = guess.language, guess.probability
         elif language is None:
             language, probability = "en", None  # no speech: nothing to detect, nothing to transcribe
         aligner = self._aligner(language) if self._settings.alignment else None
@@ -206,16 +225,35 @@ class WhisperXTranscriber:
                 chunks.append({"start": start, "end": end})
         return chunks
 
-    def _detect_language(self, samples: np.ndarray, clips: list[dict[str, float]]) -> tuple[str, float]:
-        """Whisper's language guess from the speech chunks' features, computed as
-        faster-whisper's batched pipeline does (one dummy frame keeps short input valid)."""
-        extract = self._model.feature_extractor
-        features = [
-            extract(samples[int(c["start"] * SAMPLE_RATE) : int(c["end"] * SAMPLE_RATE)])[..., :-1] for c in clips
+    def detect_language(self, samples: np.ndarray) -> LanguageGuess | None:
+        """The language of `samples`' speech (see `_detect_language`); None when VAD finds no speech."""
+        clips = self._speech_clips(samples)
+        return self._detect_language(samples, clips) if clips else None
+
+    def _detect_language(self, samples: np.ndarray, clips: list[dict[str, float]]) -> LanguageGuess:
+        """Whisper's language probabilities over several windows of speech spread across the file.
+
+        faster-whisper's own `detect_language` looks at the first 30 s only, so
+        a file that opens with music, a jingle or another language was
+        confidently misdetected; one pass of the encoder per window, batched.
+        """
+        windows = detection_windows(clips, WHISPER_WINDOW_S, self._settings.language_detection_windows)
+        features = np.stack([self._window_features(samples, pieces) for pieces in windows])
+        encoded = self._model.encode(features)
+        per_window = [
+            [(token[2:-2], float(p)) for token, p in result]  # "<|fr|>" -> "fr"
+            for result in self._model.model.detect_language(encoded)
         ]
-        features.append(np.full((self._model.model.n_mels, 1), -1.5, dtype=np.float32))
-        language, probability, _ = self._model.detect_language(features=np.concatenate(features, axis=1))
-        return language, float(probability)
+        guess = LanguageGuess(combine_language_probabilities(per_window), len(windows))
+        top = ", ".join(f"{lang} {p:.2f}" for lang, p in guess.probabilities[:3])
+        log.info("language over %d window(s): %s", guess.windows, top)
+        return guess
+
+    def _window_features(self, samples: np.ndarray, pieces: list[tuple[float, float]]) -> np.ndarray:
+        from faster_whisper.audio import pad_or_trim
+
+        audio = np.concatenate([samples[int(s * SAMPLE_RATE) : int(e * SAMPLE_RATE)] for s, e in pieces])
+        return pad_or_trim(self._model.feature_extractor(audio))
 
     def _decode_together(self, language: str, files: list[_Prepared]) -> list[list[TranscriptSegment]]:
         offsets = np.cumsum([0] + [len(f.request.samples) for f in files[:-1]])
@@ -325,3 +363,46 @@ def interpolate_missing(words: list[TimedWord]) -> list[TimedWord]:
         end = next_start if next_start is not None else start
         w.start, w.end, w.timing = float(start), float(max(end, start)), "interpolated"
     return words
+
+
+def detection_windows(clips: list[dict[str, float]], window_s: float, count: int) -> list[list[tuple[float, float]]]:
+    """Up to `count` windows of at most `window_s` seconds of speech, spread evenly over the speech.
+
+    Positions are taken on the clips laid end to end (silence left out), so
+    every window is full of speech; each comes back as the (start, end) pieces
+    of file time it covers. No more windows than needed to cover the speech
+    once, so short files cost one encoder pass.
+    """
+    total = sum(c["end"] - c["start"] for c in clips)
+    if total <= 0:
+        return []
+    length = min(window_s, total)
+    n = max(1, min(count, math.ceil(total / window_s)))
+    return [_speech_pieces(clips, float(start), float(start) + length) for start in np.linspace(0, total - length, n)]
+
+
+def _speech_pieces(clips: list[dict[str, float]], start: float, end: float) -> list[tuple[float, float]]:
+    """The file-time pieces of the speech between `start` and `end` seconds of speech."""
+    pieces, offset = [], 0.0
+    for c in clips:
+        length = c["end"] - c["start"]
+        lo, hi = max(start, offset), min(end, offset + length)
+        if hi > lo:
+            pieces.append((c["start"] + lo - offset, c["start"] + hi - offset))
+        offset += length
+    return pieces
+
+
+def combine_language_probabilities(per_window: list[list[tuple[str, float]]]) -> list[tuple[str, float]]:
+    """Each language's mean probability over the windows, best first.
+
+    A mean rather than a product (sum of logs): one window of music or of a
+    second language that Whisper scores near zero for the main language must
+    not veto it; the language most of the speech is in wins.
+    """
+    totals: dict[str, float] = {}
+    for probabilities in per_window:
+        for language, p in probabilities:
+            totals[language] = totals.get(language, 0.0) + p
+    mean = [(language, total / len(per_window)) for language, total in totals.items()]
+    return sorted(mean, key=lambda lp: lp[1], reverse=True)

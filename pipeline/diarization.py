@@ -2,10 +2,11 @@
 
 Two sources of pipeline:
 
-- `embedded` (default, offline): pyannote's own `SpeakerDiarization` with the
-  segmentation model shipped in whisperx and the GE2E encoder shipped in
-  resemblyzer, agglomerative clustering. Its embedding step is replaced by a
-  faster equivalent (`EmbeddedSpeakerDiarization.get_embeddings`).
+- `embedded` (default, offline): pyannote's own `SpeakerDiarization` with a
+  pyannote segmentation model and the CAM++ speaker encoder, both shipped in
+  PyPI wheels (see pipeline/embedded.py), and agglomerative clustering. Its
+  embedding step is replaced by a faster equivalent
+  (`EmbeddedSpeakerDiarization.get_embeddings`).
 - any pretrained pyannote pipeline by hub name or local path, e.g.
   `pyannote/speaker-diarization-3.1` with an HF token.
 """
@@ -27,7 +28,7 @@ from pipeline.progress import ProgressHook, no_progress
 
 log = logging.getLogger(__name__)
 STAGE = "diarization"
-EMBEDDED_NAME = "embedded:pyannote-segmentation+ge2e"
+EMBEDDED_NAME = "embedded:pyannote-segmentation+campplus"
 
 
 @dataclass(frozen=True)
@@ -156,24 +157,28 @@ def load_pretrained_pipeline(settings: DiarizationSettings) -> Any:
 def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
     from pyannote.audio import Model
 
-    from pipeline.embedded import ge2e_checkpoint, segmentation_checkpoint
-    from pipeline.ge2e import GE2EEncoder
+    from pipeline.embedded import campplus_checkpoint, segmentation_checkpoint
 
-    segmentation = Model.from_pretrained(str(segmentation_checkpoint()))
+    segmentation = Model.from_pretrained(str(segmentation_checkpoint(settings.segmentation)))
     pipeline = _embedded_pipeline_class()(
         segmentation=segmentation,
         segmentation_step=settings.segmentation_step,
-        embedding=GE2EEncoder(ge2e_checkpoint()),
+        embedding=_campplus_model(campplus_checkpoint()),
         plda=_no_plda(),
         clustering="AgglomerativeClustering",
         segmentation_batch_size=settings.segmentation_batch_size,
     )
-    return pipeline.instantiate(
-        {
-            "segmentation": {"threshold": 0.5, "min_duration_off": settings.min_duration_off},
-            "clustering": {"method": "centroid", "min_cluster_size": 3, "threshold": settings.clustering_threshold},
-        }
-    )
+    params: dict[str, Any] = {"min_duration_off": settings.min_duration_off}
+    if not segmentation.specifications.powerset:  # a multi-label model's activations need a threshold
+        params["threshold"] = 0.5
+    if settings.clustering == "spectral":
+        from pipeline.clustering import SpectralSpeakerClustering
+
+        pipeline.clustering = SpectralSpeakerClustering()
+        clustering = {"pruning": settings.spectral_pruning, "merge_threshold": settings.merge_threshold}
+    else:
+        clustering = {"method": "centroid", "min_cluster_size": 3, "threshold": settings.clustering_threshold}
+    return pipeline.instantiate({"segmentation": params, "clustering": clustering})
 
 
 def _no_plda() -> Any:
@@ -192,68 +197,118 @@ def _no_plda() -> Any:
     return NoPLDA()
 
 
+def _campplus_model(checkpoint: Any) -> Any:
+    """CAM++ as a pyannote `Model` of problem REPRESENTATION: what lets pyannote's
+    `SpeakerDiarization` accept an embedding with no hub access."""
+    import torch
+    from pyannote.audio import Model
+    from pyannote.audio.core.task import Problem, Resolution, Specifications
+
+    from pipeline.campplus import EMBEDDING_DIM, embed, load_campplus
+
+    class CamppEmbedding(Model):
+        def __init__(self) -> None:
+            super().__init__(sample_rate=SAMPLE_RATE, num_channels=1)
+            self.specifications = Specifications(
+                problem=Problem.REPRESENTATION, resolution=Resolution.CHUNK, duration=3.0
+            )
+            self.encoder = load_campplus(checkpoint)
+            self.eval()
+
+        @property
+        def dimension(self) -> int:
+            return EMBEDDING_DIM
+
+        def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+            return torch.stack([embed(self.encoder, w[0]) for w in waveforms])
+
+    return CamppEmbedding()
+
+
 def _embedded_pipeline_class() -> type:
     from pyannote.audio.pipelines import SpeakerDiarization
 
     class EmbeddedSpeakerDiarization(SpeakerDiarization):
         """pyannote's pipeline, with one (chunk, speaker) embedding step that scales.
 
-        pyannote embeds every 5 s chunk once per local speaker, so with a
-        1.25 s step each second of audio is embedded ~12 times. GE2E embeds
-        1.6 s partials, so we embed the partials of the whole file *once*, on a
-        fixed grid, and pool them per (chunk, speaker) with the segmentation
-        mask as weights. Same inputs to clustering, a fraction of the compute.
+        pyannote crops every chunk once per local speaker and embeds it, so with
+        a 1 s step each second of audio goes through the encoder ~30 times.
+        CAM++ ends in statistics pooling over frame-level features, so we run
+        its frame-level trunk over the file *once* and pool, for each (chunk,
+        speaker), the frames where that speaker speaks alone (the segmentation
+        mask as weights). The same quantity pyannote's weighted pooling embeds,
+        for a fraction of the compute.
         """
 
         def get_embeddings(self, file, binary_segmentations, exclude_overlap=False, hook=None):
-            return pooled_embeddings(self._embedding.model_, file["waveform"][0], binary_segmentations, hook)
+            encoder = self._embedding.model_.encoder
+            return chunk_embeddings(encoder, file["waveform"][0], binary_segmentations, hook)
 
     return EmbeddedSpeakerDiarization
 
 
-PARTIAL_HOP = 40  # frames (0.4 s) between partials on the global grid
-EMBED_BATCH = 128
+TRUNK_BLOCK_S = 30  # the trunk runs over blocks this long; whole seconds keep frames aligned
+TRUNK_FPS = 50  # trunk frames per second (fbank at 100 per second, strided by 2)
 
 
-def pooled_embeddings(encoder: Any, waveform: Any, segmentations: Any, hook: Callable | None) -> np.ndarray:
-    """(chunks, local speakers, 256) embeddings from one pass of the encoder over the file."""
+def chunk_embeddings(encoder: Any, waveform: Any, segmentations: Any, hook: Callable | None) -> np.ndarray:
+    """(chunks, local speakers, 192) embeddings; NaN where a local speaker never speaks.
+
+    The trunk's output is kept only as long as a chunk still needs it, so
+    memory stays flat however long the file is.
+    """
     import torch
 
-    from pipeline.ge2e import HOP, PARTIAL_FRAMES
+    from pipeline.campplus import fbank
 
     chunks = segmentations.sliding_window
-    num_chunks, num_frames, num_speakers = segmentations.data.shape
-    frame_s = HOP / SAMPLE_RATE
-    # Cover the last (zero-padded) chunk entirely.
-    total = int(math.ceil((chunks.start + (num_chunks - 1) * chunks.step + chunks.duration) * SAMPLE_RATE))
-    waveform = torch.nn.functional.pad(waveform, (0, max(0, total - waveform.shape[-1])))
+    num_chunks, _, num_speakers = segmentations.data.shape
+    span = chunks.start + (num_chunks - 1) * chunks.step + chunks.duration
+    total_s = int(math.ceil(max(span, waveform.shape[-1] / SAMPLE_RATE)))
+    waveform = torch.nn.functional.pad(waveform, (0, total_s * SAMPLE_RATE - waveform.shape[-1]))
+    out = np.full((num_chunks, num_speakers, encoder.xvector["dense"].linear.out_channels), np.nan, dtype=np.float32)
+    chunk_frames = round(chunks.duration * TRUNK_FPS)
+    kept = torch.zeros((0, 0))
+    kept_start = 0  # trunk frame index of kept[0]
+    next_chunk = 0
+    blocks = range(0, total_s, TRUNK_BLOCK_S)
     with torch.inference_mode():
-        mel, power = encoder.frames(waveform.to(encoder.device))
-        starts = np.arange(0, max(1, mel.shape[0] - PARTIAL_FRAMES + 1), PARTIAL_HOP)
-        batches = [starts[i : i + EMBED_BATCH] for i in range(0, len(starts), EMBED_BATCH)]
-        partial_emb = []
-        for b, batch in enumerate(batches, 1):
-            idx = torch.as_tensor(batch)[:, None] + torch.arange(PARTIAL_FRAMES)[None]
-            partial_emb.append(encoder.embed_partials(mel[idx], power[idx]).cpu().numpy())
+        for b, block_start in enumerate(blocks, 1):
+            block = waveform[block_start * SAMPLE_RATE : (block_start + TRUNK_BLOCK_S) * SAMPLE_RATE]
+            features = fbank(block.to(next(encoder.parameters()).device))
+            trunk = encoder.frames((features - features.mean(dim=0))[None])[0].T  # (frames, 512)
+            kept = trunk if kept.numel() == 0 else torch.cat([kept, trunk])
+            available = kept_start + kept.shape[0]
+            while next_chunk < num_chunks:
+                first = round((chunks.start + next_chunk * chunks.step) * TRUNK_FPS)
+                if first + chunk_frames > available:
+                    break
+                frames = kept[first - kept_start : first - kept_start + chunk_frames]
+                weights = _speaker_weights(segmentations.data[next_chunk], chunk_frames)
+                active = weights.sum(axis=1) > 0
+                if active.any():
+                    pooled = encoder.pool(frames, torch.from_numpy(weights[active]).to(frames))
+                    out[next_chunk, active] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+                next_chunk += 1
+            if next_chunk < num_chunks:  # drop what no later chunk reaches
+                drop = round((chunks.start + next_chunk * chunks.step) * TRUNK_FPS) - kept_start
+                kept, kept_start = kept[drop:], kept_start + drop
             if hook is not None:
-                hook("embeddings", None, total=len(batches), completed=b)
-    emb = np.concatenate(partial_emb)  # (P, 256)
-    p_start = starts * frame_s
-    p_dur = PARTIAL_FRAMES * frame_s
-    masks = np.nan_to_num(segmentations.data, nan=0.0)
-    out = np.full((num_chunks, num_speakers, emb.shape[1]), np.nan, dtype=np.float32)
-    for c in range(num_chunks):
-        c_start = chunks.start + c * chunks.step
-        inside = np.flatnonzero((p_start >= c_start - 1e-6) & (p_start + p_dur <= c_start + chunks.duration + 1e-6))
-        if inside.size == 0:
-            continue
-        # Segmentation frames each partial spans, as [lo, hi) indices into the chunk's mask.
-        lo = np.floor((p_start[inside] - c_start) / chunks.duration * num_frames).astype(int)
-        hi = np.maximum(lo + 1, np.ceil((p_start[inside] + p_dur - c_start) / chunks.duration * num_frames).astype(int))
-        cum = np.vstack([np.zeros((1, num_speakers)), np.cumsum(masks[c], axis=0)])
-        weights = (cum[np.minimum(hi, num_frames)] - cum[lo]) / (hi - lo)[:, None]  # (partials, speakers)
-        pooled = weights.T @ emb[inside]  # (speakers, 256)
-        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        ok = weights.sum(axis=0) > 1e-3
-        out[c, ok] = pooled[ok] / norms[ok]
+                hook("embeddings", None, total=len(blocks), completed=b)
     return out
+
+
+def _speaker_weights(mask: np.ndarray, frames: int) -> np.ndarray:
+    """(speakers, frames) pooling weights from one chunk's (segmentation frames, speakers) binary mask.
+
+    A speaker's frames where nobody else speaks, as pyannote's embedding step
+    does with `exclude_overlap`; all their frames if fewer than a fifth of the
+    chunk is theirs alone (back-channels are often overlapped entirely).
+    """
+    mask = np.nan_to_num(mask, nan=0.0)
+    alone = mask * (mask.sum(axis=1, keepdims=True) == 1)
+    enough = alone.sum(axis=0) >= 0.2 * mask.shape[0]
+    chosen = np.where(enough[None], alone, mask)  # (seg frames, speakers)
+    # Nearest segmentation frame for each trunk frame.
+    index = np.minimum((np.arange(frames) + 0.5) * mask.shape[0] / frames, mask.shape[0] - 1).astype(int)
+    return np.ascontiguousarray(chosen[index].T, dtype=np.float32)

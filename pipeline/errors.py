@@ -36,6 +36,12 @@ class EmptyAudio(InputError):
     code = "empty_audio"
 
 
+class InvalidAudio(InputError):
+    """The audio decodes, but its samples are not numbers (mostly NaN or infinite)."""
+
+    code = "invalid_audio"
+
+
 class AudioTooLong(InputError):
     code = "too_long"
 

@@ -9,6 +9,7 @@ file can only take down a child process.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pipeline.errors import (
     EmptyAudio,
     FileTooLarge,
     InputError,
+    InvalidAudio,
     NoAudioStream,
     NotMediaFile,
     SourceNotFound,
@@ -33,8 +35,11 @@ from pipeline.errors import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 _CHUNK = 1 << 20
+# Above this share of NaN/inf samples a file is refused rather than repaired (see finite_samples).
+_MAX_NON_FINITE = 0.5
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,27 @@ def decode(path: Path, max_duration_s: float) -> np.ndarray:
         raise EmptyAudio(f"{path.name} contains no audio samples")
     if samples.size > max_duration_s * SAMPLE_RATE:
         raise AudioTooLong(f"{path.name} is longer than the limit of {max_duration_s:.0f} s")
+    return finite_samples(samples, path.name)
+
+
+def finite_samples(samples: np.ndarray, name: str) -> np.ndarray:
+    """`samples` with NaN/inf replaced by silence, or InvalidAudio when most of them are NaN/inf.
+
+    ffmpeg passes NaN and inf from float sources (WAV, raw f32) straight
+    through, and its resampler smears each one over dozens of output samples.
+    Every later stage turns them into NaN features or a crash (HTTP 500), so
+    none may pass. A few are glitches: silence in their place costs
+    milliseconds. When more than half the samples are not numbers there is no
+    signal left, and an analysis of the silence would look like a valid result.
+    """
+    finite = np.isfinite(samples)
+    bad = samples.size - int(np.count_nonzero(finite))
+    if bad == 0:
+        return samples
+    if bad > _MAX_NON_FINITE * samples.size:
+        raise InvalidAudio(f"{name}: {bad / samples.size:.0%} of the audio samples are NaN or infinite")
+    log.debug("%s: replaced %d NaN/infinite samples (of %d) with silence", name, bad, samples.size)
+    samples[~finite] = 0.0
     return samples
 
 

@@ -66,7 +66,12 @@ class Metadata(BaseModel):
     processing_time: float = Field(description="Wall-clock seconds of the whole analysis.")
     model_versions: dict[str, str] = Field(description="The models actually used, by role.")
     stage_timings: dict[str, float] = Field(default_factory=dict, description="Seconds spent in each stage.")
-    language_probability: float | None = None
+    language_probability: float | None = Field(
+        None,
+        description="Whisper's probability of the detected language, averaged over up to "
+        "`asr.language_detection_windows` windows of speech; 1.0 when the language was given, "
+        "null when there was no speech.",
+    )
     device: dict[str, str] = Field(default_factory=dict, description="Device each model ran on.")
 
 

@@ -21,11 +21,12 @@ from pipeline.errors import (
     EmptyAudio,
     FileTooLarge,
     InputError,
+    InvalidAudio,
     NoAudioStream,
     NotMediaFile,
     SourceNotFound,
 )
-from pipeline.media import MediaLoader, choose_source, redact
+from pipeline.media import MediaLoader, choose_source, finite_samples, redact
 from tests.conftest import ffmpeg, fixture_path
 
 SOURCE = fixture_path("sentence_es.flac")
@@ -90,6 +91,35 @@ def test_zero_length_audio(tmp_path):
     sf.write(empty, np.zeros(0, dtype=np.float32), 16_000)
     with pytest.raises(EmptyAudio):
         loader().load(str(empty))
+
+
+def test_nan_audio_is_invalid(tmp_path):
+    path = tmp_path / "nan.wav"
+    sf.write(path, np.full(16_000, np.nan, dtype=np.float32), 16_000, subtype="FLOAT")
+    with pytest.raises(InvalidAudio):
+        loader().load(str(path))
+
+
+@pytest.mark.parametrize("rate", [16_000, 44_100])  # 44.1 kHz: ffmpeg's resampler smears each inf
+def test_a_few_infinite_samples_become_silence(tmp_path, reference, rate):
+    samples = reference.copy()
+    samples[::4000], samples[2000::4000], samples[1000] = np.inf, -np.inf, np.nan
+    path = tmp_path / "glitches.wav"
+    sf.write(path, samples, rate, subtype="FLOAT")
+    audio = loader().load(str(path))
+    assert np.isfinite(audio.samples).all()
+    assert abs(audio.duration - len(samples) / rate) < 0.01
+    level = 10 * np.log10(np.mean(audio.samples**2))
+    assert abs(level - 10 * np.log10(np.mean(reference**2))) < 1.0  # the speech is intact
+
+
+def test_mostly_non_finite_is_refused_a_few_are_zeroed():
+    samples = np.full(1000, 0.1, dtype=np.float32)
+    samples[:400] = np.nan
+    assert np.array_equal(finite_samples(samples.copy(), "x") == 0.0, np.arange(1000) < 400)
+    samples[:600] = np.inf
+    with pytest.raises(InvalidAudio, match="60%"):
+        finite_samples(samples, "x")
 
 
 def test_too_long():

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import jiwer
+import numpy as np
 import pytest
+import soundfile as sf
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
@@ -185,6 +187,7 @@ def test_four_concurrent_jobs(client, receiver):
         final = receiver.wait_final(f"/many/{name}")[-1].body
         assert final["status"] == "completed", final
         assert final["result"]["language"] == truth(name)["language"]
+        assert final["result"]["metadata"]["language_probability"] >= 0.6  # measured >= 0.94
     assert_dialogue(receiver.received("/many/dialogue_en")[-1].body["result"])
     jobs = [client.get(f"/jobs/{job_id}").json() for job_id in ids.values()]
     # They ran side by side: every job started before any of them finished.
@@ -270,6 +273,21 @@ def test_failed_job_sends_a_failed_callback(client, receiver, silent_video):
     assert sum(c.final for c in calls) == 1
     job = client.get(f"/jobs/{response.json()['job_id']}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "no_audio_stream"
+
+
+def test_nan_audio_is_refused(client, receiver, tmp_path):
+    """Float samples that are all NaN: 422 `invalid_audio`, not a 500, by path or by upload."""
+    path = tmp_path / "nan.wav"
+    sf.write(path, np.full(16_000, np.nan, dtype=np.float32), 16_000, subtype="FLOAT")
+    response = client.post("/transcribe", json={"audio_path": str(path)})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == "invalid_audio"
+    with path.open("rb") as f:
+        files = {"file": ("nan.wav", f, "audio/wav")}
+        response = client.post(JOBS, files=files, data={"callback_url": receiver.url("/nan")})
+    assert response.status_code == 202, response.text
+    final = receiver.wait_final("/nan")[-1].body
+    assert final["status"] == "failed" and final["error"]["code"] == "invalid_audio"
 
 
 def test_final_callback_is_retried_until_delivered(client, receiver):

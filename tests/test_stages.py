@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.acoustics import FrameTracks, frame_tracks, word_features, yin
-from pipeline.asr import TimedWord, Transcript, TranscriptSegment, check_language, interpolate_missing
+from pipeline.asr import (
+    TimedWord,
+    Transcript,
+    TranscriptSegment,
+    check_language,
+    combine_language_probabilities,
+    detection_windows,
+    interpolate_missing,
+)
 from pipeline.assembly import assemble, join_words, speaker_of, tidy_times
 from pipeline.config import AcousticSettings, load_settings
 from pipeline.diarization import Diarization, SpeakerTurn, check_speaker_counts, relabel
@@ -113,6 +120,42 @@ def test_overlapped_speech_counts_for_each_speaker():
     assert d.speaking_time() == {"SPEAKER_00": 3, "SPEAKER_01": 2}
 
 
+# -- language detection ------------------------------------------------------
+
+
+def test_detection_windows_spread_over_all_the_speech():
+    # 100 s of speech in three clips with silence between them.
+    clips = [{"start": 0.0, "end": 20.0}, {"start": 25.0, "end": 55.0}, {"start": 60.0, "end": 110.0}]
+    windows = detection_windows(clips, 30.0, 4)
+    assert len(windows) == 4
+    for pieces in windows:
+        assert sum(end - start for start, end in pieces) == pytest.approx(30.0)
+        assert all(any(c["start"] <= s < e <= c["end"] for c in clips) for s, e in pieces)  # speech only
+    # Starts at 0, 23.3, 46.7 and 70 s of speech: the last window ends with the last speech.
+    assert windows[0] == [(0.0, 20.0), (25.0, 35.0)]
+    assert windows[2] == [(pytest.approx(51.667, abs=1e-3), 55.0), (60.0, pytest.approx(86.667, abs=1e-3))]
+    assert windows[3] == [(80.0, 110.0)]
+
+
+def test_detection_windows_no_more_than_the_speech_needs():
+    assert detection_windows([{"start": 1.0, "end": 9.0}], 30.0, 4) == [[(1.0, 9.0)]]
+    assert len(detection_windows([{"start": 0.0, "end": 35.0}], 30.0, 4)) == 2
+    assert detection_windows([{"start": 0.0, "end": 600.0}], 30.0, 1) == [[(0.0, 30.0)]]
+    assert detection_windows([], 30.0, 4) == []
+
+
+def test_language_probabilities_are_averaged_over_windows():
+    windows = [[("en", 0.9), ("de", 0.1)], [("de", 0.8), ("en", 0.2)], [("de", 0.7), ("en", 0.3)]]
+    assert combine_language_probabilities(windows) == [
+        ("de", pytest.approx(0.5333, abs=1e-4)),
+        ("en", pytest.approx(0.4667, abs=1e-4)),
+    ]
+    # One window Whisper is sure is Thai (music, noise) must not veto the others,
+    # as a product of probabilities would.
+    windows = [[("fr", 0.9), ("th", 0.1)], [("fr", 0.9), ("th", 0.1)], [("th", 0.9999), ("fr", 0.0001)]]
+    assert combine_language_probabilities(windows)[0] == ("fr", pytest.approx(0.6, abs=1e-3))
+
+
 # -- validation, progress, config --------------------------------------------
 
 
@@ -160,19 +203,6 @@ def test_shipped_profiles_load():
 
 
 # -- diarization parts ---------------------------------------------------------
-
-
-def test_ge2e_embedding_ignores_loudness():
-    from pipeline.embedded import ge2e_checkpoint
-    from pipeline.ge2e import GE2EEncoder
-
-    encoder = GE2EEncoder(ge2e_checkpoint())
-    rng = np.random.default_rng(1)
-    voice = torch.from_numpy(tone(110, 3.0) + rng.normal(0, 0.003, 3 * SR).astype(np.float32))
-    with torch.inference_mode():
-        loud, quiet = encoder(torch.stack([voice, voice * 10 ** (-12 / 20)])[:, None])
-    assert loud.shape == (256,) and torch.linalg.norm(loud) == pytest.approx(1.0, abs=1e-4)
-    assert float(loud @ quiet) > 0.99
 
 
 def test_gated_pipeline_without_hub_is_a_model_error_without_the_token():

