@@ -244,6 +244,14 @@ def _embedded_pipeline_class() -> type:
             encoder = self._embedding.model_.encoder
             return chunk_embeddings(encoder, file["waveform"][0], binary_segmentations, hook)
 
+        def reconstruct(self, segmentations, hard_clusters, count):
+            # Where the segmentation hears more voices at once than clustering found
+            # speakers, pyannote pads a nameless extra speaker: a monologue with a
+            # noisy "overlap" came out as two speakers. No frame can hold more
+            # speakers than there are.
+            count.data = np.minimum(count.data, max(1, int(hard_clusters.max()) + 1)).astype(np.int8)
+            return super().reconstruct(segmentations, hard_clusters, count)
+
     return EmbeddedSpeakerDiarization
 
 
