@@ -4,7 +4,7 @@
 
 Prints per-stage seconds, real-time factors (compute seconds per audio second),
 peak RSS, and DER/WER against the synthetic ground truth. Targets (2-core CPU,
-embedded models): whole analysis RTF <= 0.25, diarization <= 0.10, acoustic
+embedded models): whole analysis RTF <= 0.06, diarization <= 0.025, acoustic
 features <= 0.01, peak RSS <= 4 GB.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
-TARGETS = {"total": 0.25, "diarization": 0.10, "acoustics": 0.01}
+TARGETS = {"total": 0.06, "diarization": 0.025, "acoustics": 0.01}
 
 
 def make_recording(seconds: float) -> Path:
