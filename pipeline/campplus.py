@@ -112,8 +112,9 @@ class _DenseBlock(nn.ModuleDict):
     """Densely connected: each layer sees the concatenation of all before it."""
 
     def __init__(self, layers: int, in_channels: int, growth: int, dilation: int) -> None:
-        layer = lambda i: _DenseLayer(in_channels + i * growth, growth, 4 * growth, dilation)  # noqa: E731
-        super().__init__({f"tdnnd{i + 1}": layer(i) for i in range(layers)})
+        super().__init__()
+        for i in range(layers):
+            self[f"tdnnd{i + 1}"] = _DenseLayer(in_channels + i * growth, growth, 4 * growth, dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.values():

@@ -53,7 +53,7 @@ class SpectralSpeakerClustering(BaseClustering):
         max_clusters: int,
         num_clusters: int | None = None,
     ) -> np.ndarray:
-        x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+        x = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-10)
         if len(x) <= MAX_SPECTRAL:
             return self._spectral(x, min_clusters, max_clusters, num_clusters)
         # Long files: cluster an even sample (eigendecomposition is cubic in its
@@ -61,18 +61,19 @@ class SpectralSpeakerClustering(BaseClustering):
         sample = np.linspace(0, len(x) - 1, MAX_SPECTRAL).round().astype(int)
         labels = self._spectral(x[sample], min_clusters, max_clusters, num_clusters)
         centroids = np.stack([x[sample][labels == k].mean(axis=0) for k in range(labels.max() + 1)])
-        return np.argmax(x @ centroids.T, axis=1)
+        return np.unique(np.argmax(x @ centroids.T, axis=1), return_inverse=True)[1]
 
     def _spectral(self, x: np.ndarray, min_clusters: int, max_clusters: int, num_clusters: int | None) -> np.ndarray:
         n = len(x)
-        if n <= 2:
-            return np.arange(n) if (num_clusters or min_clusters) >= n else np.zeros(n, dtype=int)
+        lo, hi = (num_clusters, num_clusters) if num_clusters else (min_clusters, max_clusters)
+        if n < 2 * MIN_NEIGHBOURS:
+            # Too few embeddings (a short file) for a pruned graph: its spectrum
+            # would always say one speaker. Merge singletons while alike instead.
+            return merge_close(x, np.arange(n), self.merge_threshold, lo, hi)
         affinity = pruned_affinity(x @ x.T, self.pruning)
         vectors, k = spectral_embedding(affinity, num_clusters, min_clusters, max_clusters)
         labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vectors)
-        if num_clusters is None:
-            labels = merge_close(x, labels, self.merge_threshold, min_clusters)
-        return np.unique(labels, return_inverse=True)[1]
+        return labels if num_clusters else merge_close(x, labels, self.merge_threshold, lo, hi)
 
 
 def pruned_affinity(similarity: np.ndarray, keep: float) -> np.ndarray:
@@ -112,17 +113,17 @@ def spectral_embedding(
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-10), k
 
 
-def merge_close(x: np.ndarray, labels: np.ndarray, threshold: float, min_clusters: int) -> np.ndarray:
-    """Merge the two clusters with the most similar centroids while that similarity is above `threshold`."""
+def merge_close(x: np.ndarray, labels: np.ndarray, threshold: float, lo: int, hi: int) -> np.ndarray:
+    """Merge the two clusters with the most similar centroids while there are more than `hi`,
+    or more than `lo` and that similarity is above `threshold`; labels renumbered 0..k-1."""
     labels = labels.copy()
-    while len(np.unique(labels)) > max(1, min_clusters):
-        ids = np.unique(labels)
+    while len(ids := np.unique(labels)) > max(1, lo):
         centroids = np.stack([x[labels == i].mean(axis=0) for i in ids])
-        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-10)
         sim = centroids @ centroids.T
         np.fill_diagonal(sim, -np.inf)
         a, b = np.unravel_index(np.argmax(sim), sim.shape)
-        if sim[a, b] <= threshold:
+        if sim[a, b] <= threshold and len(ids) <= hi:
             break
         labels[labels == ids[b]] = ids[a]
-    return labels
+    return np.unique(labels, return_inverse=True)[1]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -267,42 +267,71 @@ def chunk_embeddings(encoder: Any, waveform: Any, segmentations: Any, hook: Call
     """
     import torch
 
-    from pipeline.campplus import fbank
-
     chunks = segmentations.sliding_window
     num_chunks, _, num_speakers = segmentations.data.shape
     span = chunks.start + (num_chunks - 1) * chunks.step + chunks.duration
     total_s = int(math.ceil(max(span, waveform.shape[-1] / SAMPLE_RATE)))
-    waveform = torch.nn.functional.pad(waveform, (0, total_s * SAMPLE_RATE - waveform.shape[-1]))
     out = np.full((num_chunks, num_speakers, encoder.xvector["dense"].linear.out_channels), np.nan, dtype=np.float32)
     chunk_frames = round(chunks.duration * TRUNK_FPS)
-    kept = torch.zeros((0, 0))
-    kept_start = 0  # trunk frame index of kept[0]
-    next_chunk = 0
-    blocks = range(0, total_s, TRUNK_BLOCK_S)
+    first_frame = [round((chunks.start + c * chunks.step) * TRUNK_FPS) for c in range(num_chunks)] + [None]
+    kept: Any = None  # trunk frames from kept_start on
+    kept_start = next_chunk = 0
+    blocks = trunk_blocks(encoder, waveform, total_s)
     with torch.inference_mode():
-        for b, block_start in enumerate(blocks, 1):
-            block = waveform[block_start * SAMPLE_RATE : (block_start + TRUNK_BLOCK_S) * SAMPLE_RATE]
-            features = fbank(block.to(next(encoder.parameters()).device))
-            trunk = encoder.frames((features - features.mean(dim=0))[None])[0].T  # (frames, 512)
-            kept = trunk if kept.numel() == 0 else torch.cat([kept, trunk])
-            available = kept_start + kept.shape[0]
-            while next_chunk < num_chunks:
-                first = round((chunks.start + next_chunk * chunks.step) * TRUNK_FPS)
-                if first + chunk_frames > available:
-                    break
-                frames = kept[first - kept_start : first - kept_start + chunk_frames]
-                weights = _speaker_weights(segmentations.data[next_chunk], chunk_frames)
-                active = weights.sum(axis=1) > 0
-                if active.any():
-                    pooled = encoder.pool(frames, torch.from_numpy(weights[active]).to(frames))
-                    out[next_chunk, active] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+        for b, trunk in enumerate(blocks, 1):
+            kept = trunk if kept is None else torch.cat([kept, trunk])
+            while next_chunk < num_chunks and first_frame[next_chunk] + chunk_frames <= kept_start + len(kept):
+                start = first_frame[next_chunk] - kept_start
+                out[next_chunk] = _pool_chunk(
+                    encoder, kept[start : start + chunk_frames], segmentations.data[next_chunk]
+                )
                 next_chunk += 1
             if next_chunk < num_chunks:  # drop what no later chunk reaches
-                drop = round((chunks.start + next_chunk * chunks.step) * TRUNK_FPS) - kept_start
+                drop = first_frame[next_chunk] - kept_start
                 kept, kept_start = kept[drop:], kept_start + drop
             if hook is not None:
-                hook("embeddings", None, total=len(blocks), completed=b)
+                hook("embeddings", None, total=math.ceil(total_s / TRUNK_BLOCK_S), completed=b)
+    return out
+
+
+def trunk_blocks(encoder: Any, waveform: Any, total_s: int) -> Iterator[Any]:
+    """CAM++ trunk frames (TRUNK_FPS a second) of `total_s` seconds of audio, block by block.
+
+    Only real audio goes through the trunk: the last block reaches back a whole
+    block rather than being padded with zeros (its mean normalisation and
+    CAM's context would be mostly padding, skewing the last real second), and
+    seconds past the end of the audio, where no one speaks, get zero frames.
+    """
+    import torch
+
+    from pipeline.campplus import fbank
+
+    audio_s = int(math.ceil(waveform.shape[-1] / SAMPLE_RATE))
+    waveform = torch.nn.functional.pad(waveform, (0, audio_s * SAMPLE_RATE - waveform.shape[-1]))
+    device = next(encoder.parameters()).device
+    done = 0
+    while done < audio_s:
+        end = min(done + TRUNK_BLOCK_S, audio_s)
+        start = max(0, end - TRUNK_BLOCK_S)
+        features = fbank(waveform[start * SAMPLE_RATE : end * SAMPLE_RATE].to(device))
+        trunk = encoder.frames((features - features.mean(dim=0))[None])[0].T  # (frames, channels)
+        yield trunk[(done - start) * TRUNK_FPS :]
+        done = end
+    if total_s > audio_s:
+        channels = encoder.xvector["dense"].linear.in_channels // 2
+        yield torch.zeros(((total_s - audio_s) * TRUNK_FPS, channels), device=device)
+
+
+def _pool_chunk(encoder: Any, frames: Any, mask: np.ndarray) -> np.ndarray:
+    """(local speakers, 192) unit embeddings of one chunk's trunk frames; NaN for silent speakers."""
+    import torch
+
+    weights = _speaker_weights(mask, len(frames))
+    out = np.full((weights.shape[0], encoder.xvector["dense"].linear.out_channels), np.nan, dtype=np.float32)
+    active = weights.sum(axis=1) > 0
+    if active.any():
+        pooled = encoder.pool(frames, torch.from_numpy(weights[active]).to(frames))
+        out[active] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
     return out
 
 

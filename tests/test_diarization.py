@@ -134,6 +134,18 @@ def test_real_telephone_call(diarizer):
     assert DiarizationErrorRate(collar=0.25)(reference(turns), hypothesis(result)) <= 0.15
 
 
+def test_ten_seconds_of_two_voices(diarizer):
+    """A short file gives only a few (chunk, speaker) embeddings; a man then a woman must
+    still be two speakers, split at the pause between them."""
+    man = speak(Voice("en-us+m3", 40, 160, 0.0), "Hello there, how are you doing today? I hope the weather is fine.")
+    woman = speak(Voice("en-us+f2", 65, 170, 0.0), "I am doing well, thank you very much. The sun is shining here.")
+    pause = np.zeros(SR // 2, dtype=np.float32)
+    result = diarizer.diarize(np.concatenate([pause, man, pause, woman, pause]))
+    change = 0.5 + len(man) / SR + 0.25
+    assert {t.speaker for t in result.turns if t.end < change} == {"SPEAKER_00"}
+    assert {t.speaker for t in result.turns if t.start > change} == {"SPEAKER_01"}
+
+
 def test_silence_has_no_speakers(diarizer):
     rng = np.random.default_rng(0)
     result = diarizer.diarize(rng.normal(0, 1e-4, 20 * SR).astype(np.float32))
@@ -183,3 +195,20 @@ def test_long_files_are_clustered_from_a_sample():
     labels = spectral().cluster(x, 1, len(x))
     assert len(labels) == len(x) and len(set(labels)) == 2
     assert all(len(set(labels[truth_labels == k])) == 1 for k in range(2))
+
+
+def test_short_files_are_split_too():
+    """A few seconds give a handful of embeddings: two voices as far apart as CAM++ puts a man
+    and a woman (cosine ~0.45) must still be two speakers, one voice one speaker."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(2, EMBEDDING_DIM))
+    b = 0.45 * a / np.linalg.norm(a) + np.sqrt(1 - 0.45**2) * b / np.linalg.norm(b)  # cos(a, b) ~ 0.45
+    centres = np.stack([a / np.linalg.norm(a), b / np.linalg.norm(b)])
+    for counts in ([2, 2], [3, 2], [4, 3]):
+        x = np.concatenate(
+            [c + 0.01 * rng.normal(size=(n, EMBEDDING_DIM)) for c, n in zip(centres, counts, strict=True)]
+        )
+        labels = spectral().cluster(x, 1, len(x))
+        assert len(set(labels)) == 2 and len(set(labels[: counts[0]])) == 1
+    one = centres[:1] + 0.01 * rng.normal(size=(5, EMBEDDING_DIM))
+    assert len(set(spectral().cluster(one, 1, 5))) == 1
