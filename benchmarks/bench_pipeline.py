@@ -72,7 +72,9 @@ def main() -> None:
     stem = make_recording(args.seconds)
     truth = json.loads(stem.with_suffix(".json").read_text())
     t0 = time.perf_counter()
-    analyzer = Analyzer(load_settings(args.config))
+    settings = load_settings(args.config)
+    settings.media.local_roots = [DATA]
+    analyzer = Analyzer(settings)
     load_s = time.perf_counter() - t0
     result = analyzer.analyze(str(stem.with_suffix(".flac")), AnalysisOptions())
     duration = result.duration

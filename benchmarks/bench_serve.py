@@ -75,7 +75,9 @@ def main() -> None:
 
     server = None
     if not args.url:
-        server = ServeProcess(Path(tempfile.mkdtemp(prefix="bench-serve-")), env={"HF_HUB_OFFLINE": "1"})
+        roots = json.dumps([str(long_file.parent), str(ROOT / "tests" / "fixtures")])
+        env = {"HF_HUB_OFFLINE": "1", "ECG_MEDIA__LOCAL_ROOTS": roots}
+        server = ServeProcess(Path(tempfile.mkdtemp(prefix="bench-serve-")), env=env)
         t0 = time.perf_counter()
         server.start()
         report["server_start_s"] = round(time.perf_counter() - t0, 1)

@@ -23,6 +23,7 @@ import httpx
 from deployments.jobs import CallbackPayload
 from pipeline.config import JobSettings
 from pipeline.media import redact
+from pipeline.netguard import AddressRefused, NetworkPolicy, post, quiet_http_client_logs
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,20 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 class CallbackSender:
-    """POSTs payloads to callback URLs; one shared connection pool."""
+    """POSTs payloads to callback URLs through `pipeline.netguard` (public addresses only, no redirects)."""
 
-    def __init__(self, settings: JobSettings, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, settings: JobSettings, policy: NetworkPolicy, client: httpx.AsyncClient | None = None) -> None:
         self._settings = settings
-        self._client = client or httpx.AsyncClient(timeout=settings.callback_timeout_s, follow_redirects=False)
+        self._policy = policy
+        # No proxies from the environment, and no kept-alive connections: netguard pins each request
+        # to an address, and a pooled TLS connection must not carry a request for another name.
+        self._client = client or httpx.AsyncClient(
+            timeout=settings.callback_timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+        quiet_http_client_logs()
 
     async def deliver(self, url: str, payload: CallbackPayload, message_id: str, attempts: int) -> bool:
         """True once the receiver answered 2xx; False after `attempts` tries or a permanent refusal."""
@@ -47,7 +57,17 @@ class CallbackSender:
         for attempt in range(1, attempts + 1):
             delay = self._backoff(attempt)
             try:
-                response = await self._client.post(url, content=body, headers=self._headers(message_id, body))
+                response = await post(
+                    self._client,
+                    url,
+                    content=body,
+                    headers=self._headers(message_id, body),
+                    policy=self._policy,
+                    timeout=self._settings.callback_timeout_s,
+                )
+            except AddressRefused:  # checked at submission; its DNS now points somewhere it may not go
+                log.warning("callback %s to %s refused: not a public address", message_id, redact(url))
+                return False
             except httpx.HTTPError as e:  # timeouts, refused connections, DNS...
                 log.warning("callback %s to %s failed: %s", message_id, redact(url), type(e).__name__)
             else:

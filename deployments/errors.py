@@ -17,7 +17,9 @@ from pipeline.errors import (
     ModelError,
     NoAudioStream,
     NotMediaFile,
+    PathNotAllowed,
     SourceNotFound,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,18 @@ class Overloaded(AnalyzerError):
     """Too many analyses are waiting already (HTTP 503)."""
 
     code = "overloaded"
+
+
+class Unauthorized(AnalyzerError):
+    """No API key, or one this server does not know (HTTP 401)."""
+
+    code = "unauthorized"
+
+
+class Forbidden(AnalyzerError):
+    """A caller this server will not serve at all (HTTP 403)."""
+
+    code = "forbidden"
 
 
 class JobExists(InputError):
@@ -39,12 +53,16 @@ class UnknownJob(InputError):
 
 # Most specific class first: the first match in the error's MRO wins.
 HTTP_STATUS: dict[type[AnalyzerError], int] = {
+    Unauthorized: 401,
+    Forbidden: 403,
+    PathNotAllowed: 403,
     SourceNotFound: 404,
     UnknownJob: 404,
     JobExists: 409,
     FileTooLarge: 413,
     AudioTooLong: 413,
     NotMediaFile: 415,
+    UnsupportedMediaType: 415,
     NoAudioStream: 422,
     EmptyAudio: 422,
     InvalidAudio: 422,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from ray import serve
 
@@ -16,13 +17,14 @@ class Extraction:
     """Decoding runs ffmpeg in a child process, so requests proceed in parallel threads."""
 
     def __init__(self, settings: Settings) -> None:
-        self._loader = MediaLoader(settings.media, settings.s3)
+        self._loader = MediaLoader(settings.media, settings.s3, settings.network)
 
     async def load(self, source: str) -> Audio:
         return await asyncio.to_thread(self._loader.load, source)
 
-    async def load_bytes(self, data: bytes, filename: str) -> Audio:
-        return await asyncio.to_thread(self._loader.load_bytes, data, filename)
+    async def load_upload(self, path: str, filename: str) -> Audio:
+        """An upload the ingress spooled to `path` (its own file, so outside the local roots)."""
+        return await asyncio.to_thread(self._loader.load_upload, Path(path), filename)
 
     def describe(self) -> StageInfo:
         return StageInfo(model="ffmpeg", device="cpu")

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.bodies import SpooledUpload
 from deployments.errors import as_analyzer_error
 from pipeline.analyzer import AnalysisOptions, build_result
 from pipeline.media import Audio
@@ -23,12 +23,6 @@ from pipeline.progress import ProgressHook
 from pipeline.schemas import AnalysisResult
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Upload:
-    data: bytes
-    filename: str
 
 
 class Graph:
@@ -47,14 +41,14 @@ class Graph:
         }
 
     async def analyze(
-        self, source: str | Upload, options: AnalysisOptions, progress: ProgressHook, timings: dict[str, float]
+        self, source: str | SpooledUpload, options: AnalysisOptions, progress: ProgressHook, timings: dict[str, float]
     ) -> AnalysisResult:
         """Run every stage; `timings` receives each stage's wall time as the ingress saw it."""
         started = time.perf_counter()
         progress("media", 0.0, "reading media")
         extraction = self.stages["extraction"]
-        if isinstance(source, Upload):
-            audio_ref = extraction.load_bytes.remote(source.data, source.filename)
+        if isinstance(source, SpooledUpload):
+            audio_ref = extraction.load_upload.remote(str(source.path), source.filename)
         else:
             audio_ref = extraction.load.remote(source)
         audio: Audio = await _timed(timings, "media", audio_ref)

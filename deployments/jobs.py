@@ -47,13 +47,26 @@ class JobView(BaseModel):
     finished_at: datetime | None = None
 
 
-class Job(JobView):
-    """A job as the tracker keeps it: the public view plus where to send callbacks."""
+def job_key(owner: str, job_id: str) -> str:
+    """Where a job is kept: ids are per owner, so one client can never claim another's id.
 
+    "/" cannot occur in a job id or an owner digest, so keys never collide.
+    """
+    return f"{owner}/{job_id}"
+
+
+class Job(JobView):
+    """A job as the tracker keeps it: the public view plus its owner and where to send callbacks."""
+
+    owner: str = Field("", description="Digest of the API key that created the job; empty when anonymous.")
     callback_url: str | None = None
 
+    @property
+    def key(self) -> str:
+        return job_key(self.owner, self.job_id)
+
     def view(self) -> JobView:
-        return JobView.model_validate(self.model_dump(exclude={"callback_url"}))
+        return JobView.model_validate(self.model_dump(exclude={"callback_url", "owner"}))
 
 
 class CallbackPayload(BaseModel):
@@ -85,7 +98,7 @@ def now() -> datetime:
 class JobStore(Protocol):
     def save(self, job: Job) -> None: ...
 
-    def get(self, job_id: str) -> Job | None: ...
+    def get(self, key: str) -> Job | None: ...
 
     def unfinished(self) -> list[Job]: ...
 
@@ -99,27 +112,28 @@ class SqliteJobStore:
         # The tracker calls from a worker thread; the lock serialises access.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Keyed by job_key(owner, job_id). (The older `jobs` table, keyed by bare id, is left alone.)
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, status TEXT NOT NULL, data TEXT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS owned_jobs (key TEXT PRIMARY KEY, status TEXT NOT NULL, data TEXT NOT NULL)"
         )
         self._lock = threading.Lock()
 
     def save(self, job: Job) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO jobs (job_id, status, data) VALUES (?, ?, ?)",
-                (job.job_id, job.status.value, job.model_dump_json()),
+                "INSERT OR REPLACE INTO owned_jobs (key, status, data) VALUES (?, ?, ?)",
+                (job.key, job.status.value, job.model_dump_json()),
             )
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, key: str) -> Job | None:
         with self._lock:
-            row = self._db.execute("SELECT data FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._db.execute("SELECT data FROM owned_jobs WHERE key = ?", (key,)).fetchone()
         return Job.model_validate_json(row[0]) if row else None
 
     def unfinished(self) -> list[Job]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT data FROM jobs WHERE status IN (?, ?)", (JobStatus.queued, JobStatus.processing)
+                "SELECT data FROM owned_jobs WHERE status IN (?, ?)", (JobStatus.queued, JobStatus.processing)
             ).fetchall()
         return [Job.model_validate_json(r[0]) for r in rows]
 

@@ -16,9 +16,9 @@ class TrackerProgress:
     thinned to one per `interval_s`; a stage's first and last always go.
     """
 
-    def __init__(self, tracker: Any, job_id: str, interval_s: float) -> None:
+    def __init__(self, tracker: Any, key: str, interval_s: float) -> None:
         self._tracker = tracker
-        self._job_id = job_id
+        self._key = key
         self._interval_s = interval_s
         self._last_sent: dict[str, float] = {}
 
@@ -27,4 +27,4 @@ class TrackerProgress:
         if 0.0 < fraction < 1.0 and now - self._last_sent.get(stage, -math.inf) < self._interval_s:
             return
         self._last_sent[stage] = now
-        self._tracker.progress.remote(self._job_id, stage, fraction, message)
+        self._tracker.progress.remote(self._key, stage, fraction, message)

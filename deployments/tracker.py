@@ -17,9 +17,20 @@ import ray
 from ray.util import metrics
 
 from deployments.callbacks import CallbackChannel, CallbackSender
-from deployments.jobs import CallbackPayload, Job, JobError, JobStatus, JobStore, JobView, SqliteJobStore, now
-from pipeline.config import JobSettings
+from deployments.jobs import (
+    CallbackPayload,
+    Job,
+    JobError,
+    JobStatus,
+    JobStore,
+    JobView,
+    SqliteJobStore,
+    job_key,
+    now,
+)
+from pipeline.config import JobSettings, NetworkSettings
 from pipeline.media import redact
+from pipeline.netguard import NetworkPolicy
 from pipeline.progress import StagedProgress
 from pipeline.schemas import AnalysisResult
 
@@ -31,8 +42,15 @@ INTERRUPTED = JobError(code="interrupted", message="the server restarted while t
 
 
 class JobTracker:
-    def __init__(self, settings: JobSettings, stage_weights: Mapping[str, float], store: JobStore | None = None):
+    def __init__(
+        self,
+        settings: JobSettings,
+        network: NetworkSettings,
+        stage_weights: Mapping[str, float],
+        store: JobStore | None = None,
+    ):
         self._settings = settings
+        self._network = NetworkPolicy.from_settings(network)
         self._weights = dict(stage_weights)
         self._store = store or SqliteJobStore(settings.db_path)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="job-store")  # SQLite off the event loop
@@ -49,25 +67,36 @@ class JobTracker:
 
     # -- API used by the ingress ---------------------------------------------
 
-    async def submit(self, job_id: str, source: str, callback_url: str | None) -> tuple[JobView, bool]:
-        """Register a job; (the job, True) if new, (the existing job, False) if the id is taken."""
+    async def submit(self, owner: str, job_id: str, source: str, callback_url: str | None) -> tuple[JobView, bool]:
+        """Register `owner`'s job; (the job, True) if new, (the existing job, False) if the owner used the id.
+
+        Every later call names the job by `job_key(owner, job_id)`.
+        """
         await self._ready()
-        existing = await self._get(job_id)
+        key = job_key(owner, job_id)
+        existing = await self._get(key)
         # Checked again after the await: the same id may have arrived meanwhile.
-        existing = self._live.get(job_id, existing)
+        existing = self._live.get(key, existing)
         if existing is not None:
             return existing.view(), False
-        job = Job(job_id=job_id, status=JobStatus.queued, message="queued", source=redact(source), created_at=now())
-        job.callback_url = callback_url
-        self._live[job_id] = job
-        self._progress[job_id] = StagedProgress(self._weights, lambda p, m, j=job_id: self._advance(j, p, m))
+        job = Job(
+            job_id=job_id,
+            owner=owner,
+            status=JobStatus.queued,
+            message="queued",
+            source=redact(source),
+            created_at=now(),
+            callback_url=callback_url,
+        )
+        self._live[key] = job
+        self._progress[key] = StagedProgress(self._weights, lambda p, m, k=key: self._advance(k, p, m))
         await self._save(job)
         self._count(None, job.status)
         self._notify(job)
         return job.view(), True
 
-    async def start(self, job_id: str) -> None:
-        job = self._live.get(job_id)
+    async def start(self, key: str) -> None:
+        job = self._live.get(key)
         if job is None:
             return
         self._set_status(job, JobStatus.processing, "processing")
@@ -75,25 +104,25 @@ class JobTracker:
         await self._save(job)
         self._notify(job)
 
-    def progress(self, job_id: str, stage: str, fraction: float, message: str) -> None:
-        if job_id in self._progress:  # late updates for a finished job are dropped
-            self._progress[job_id](stage, fraction, message)
+    def progress(self, key: str, stage: str, fraction: float, message: str) -> None:
+        if key in self._progress:  # late updates for a finished job are dropped
+            self._progress[key](stage, fraction, message)
 
-    async def complete(self, job_id: str, result: AnalysisResult) -> None:
-        job = self._live.get(job_id)
+    async def complete(self, key: str, result: AnalysisResult) -> None:
+        job = self._live.get(key)
         if job is not None:
             job.result, job.progress = result, 100.0
             await self._finish(job, JobStatus.completed, "analysis complete")
 
-    async def fail(self, job_id: str, error: JobError) -> None:
-        job = self._live.get(job_id)
+    async def fail(self, key: str, error: JobError) -> None:
+        job = self._live.get(key)
         if job is not None:
             job.error = error
             await self._finish(job, JobStatus.failed, error.message)
 
-    async def get(self, job_id: str) -> JobView | None:
+    async def get(self, key: str) -> JobView | None:
         await self._ready()
-        job = await self._get(job_id)
+        job = await self._get(key)
         return job.view() if job else None
 
     def counts(self) -> dict[str, int]:
@@ -110,25 +139,25 @@ class JobTracker:
     async def _fail_interrupted(self) -> None:
         for job in await asyncio.get_running_loop().run_in_executor(self._io, self._store.unfinished):
             log.warning("job %s was interrupted by a restart", job.job_id)
-            self._live[job.job_id] = job
+            self._live[job.key] = job
             job.error = INTERRUPTED
             await self._finish(job, JobStatus.failed, INTERRUPTED.message)
 
-    async def _get(self, job_id: str) -> Job | None:
-        if job_id in self._live:
-            return self._live[job_id]
-        return await asyncio.get_running_loop().run_in_executor(self._io, self._store.get, job_id)
+    async def _get(self, key: str) -> Job | None:
+        if key in self._live:
+            return self._live[key]
+        return await asyncio.get_running_loop().run_in_executor(self._io, self._store.get, key)
 
     async def _finish(self, job: Job, status: JobStatus, message: str) -> None:
         self._set_status(job, status, message)
         job.finished_at = now()
         await self._save(job)
-        self._live.pop(job.job_id, None)
-        self._progress.pop(job.job_id, None)
+        self._live.pop(job.key, None)
+        self._progress.pop(job.key, None)
         self._notify(job, final=True)
 
-    def _advance(self, job_id: str, percent: float, message: str) -> None:
-        job = self._live.get(job_id)
+    def _advance(self, key: str, percent: float, message: str) -> None:
+        job = self._live.get(key)
         if job is not None and job.status == JobStatus.processing:
             # Stay below 100 until the result is stored: 100 means "the result is there".
             job.progress, job.message = min(percent, 99.0), message
@@ -148,35 +177,37 @@ class JobTracker:
     def _notify(self, job: Job, final: bool = False) -> None:
         if not job.callback_url:
             return
-        channel = self._channels.get(job.job_id)
+        channel = self._channels.get(job.key)
         if channel is None:
             channel = CallbackChannel(
                 self._callback_sender(),
                 job.callback_url,
                 job.job_id,
                 self._settings.callback_attempts,
-                lambda delivered, j=job.job_id: self._final_sent(j, delivered),
+                lambda delivered, k=job.key: self._final_sent(k, delivered),
             )
-            self._channels[job.job_id] = channel
+            self._channels[job.key] = channel
         payload = CallbackPayload.of(job)
         channel.finish(payload) if final else channel.progress(payload)
 
-    async def _final_sent(self, job_id: str, delivered: bool) -> None:
-        self._channels.pop(job_id, None)
+    async def _final_sent(self, key: str, delivered: bool) -> None:
+        self._channels.pop(key, None)
         if not delivered:
-            log.warning("final callback of job %s was not delivered", job_id)
+            log.warning("final callback of job %s was not delivered", key)
             self._callback_failures.inc()
 
     def _callback_sender(self) -> CallbackSender:
         if self._sender is None:  # created on the actor's event loop, where it is used
-            self._sender = CallbackSender(self._settings)
+            self._sender = CallbackSender(self._settings, self._network)
         return self._sender
 
     async def _save(self, job: Job) -> None:
         await asyncio.get_running_loop().run_in_executor(self._io, self._store.save, job)
 
 
-def job_tracker(settings: JobSettings, stage_weights: Mapping[str, float]) -> ray.actor.ActorHandle:
+def job_tracker(
+    settings: JobSettings, network: NetworkSettings, stage_weights: Mapping[str, float]
+) -> ray.actor.ActorHandle:
     """The tracker actor, created by the first caller and shared by name after that.
 
     Detached, so it outlives the replica that created it (ingress replicas come
@@ -192,4 +223,4 @@ def job_tracker(settings: JobSettings, stage_weights: Mapping[str, float]) -> ra
         num_cpus=0,
         max_concurrency=1000,
     )
-    return actor.remote(settings, stage_weights)
+    return actor.remote(settings, network, stage_weights)

@@ -48,7 +48,7 @@ class Analyzer:
         diarizer: Diarizer | None = None,
     ) -> None:
         self.settings = settings
-        self.media = MediaLoader(settings.media, settings.s3)
+        self.media = MediaLoader(settings.media, settings.s3, settings.network)
         self.transcriber = transcriber or WhisperXTranscriber(settings.asr, settings.cache_dir)
         self.diarizer = diarizer or PyannoteDiarizer(settings.diarization)
         warm_up(settings.acoustics)

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         if args.model:
             settings.asr.model = args.model
+        # The local roots guard a server against its clients; here the user names their own file.
+        settings.media.local_roots = [Path("/")]
         result = Analyzer(settings).analyze(args.input, options, ProgressPrinter())
     except InputError as e:
         print(f"ecg-analyze: error: {e} [{e.code}]", file=sys.stderr)

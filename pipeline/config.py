@@ -21,11 +21,53 @@ Device = Literal["auto", "cpu", "cuda"]
 
 
 class MediaSettings(BaseModel):
-    max_file_bytes: int = Field(2 * 1024**3, description="Largest input file accepted, local or downloaded.")
+    max_file_bytes: int = Field(2 * 1024**3, description="Largest input file accepted: local, downloaded or uploaded.")
     max_duration_s: float = Field(4 * 3600, description="Longest audio accepted, in seconds.")
-    download_timeout_s: float = Field(60.0, description="Timeout of each network read for http(s) sources.")
-    allow_local_paths: bool = Field(
-        True, description="Accept local file paths as sources (turn off on public servers)."
+    local_roots: list[Path] = Field(
+        default_factory=lambda: [Path("data")],
+        description="Directories whose files may be named as sources (JSON list; relative to the working "
+        "directory; symlinks are resolved before the check). An empty list refuses every local path.",
+    )
+    download_timeout_s: float = Field(
+        300.0, gt=0, description="Deadline of a whole http(s) download, redirects included."
+    )
+    download_read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for any one network read.")
+    ffprobe_timeout_s: float = Field(30.0, gt=0, description="ffprobe is killed after this many seconds.")
+    ffmpeg_timeout_s: float = Field(900.0, gt=0, description="ffmpeg decoding is killed after this many seconds.")
+    ffmpeg_cpu_s: int = Field(900, gt=0, description="CPU-time limit (RLIMIT_CPU) of each ffmpeg/ffprobe child.")
+    ffmpeg_memory_bytes: int = Field(
+        4 * 1024**3, gt=0, description="Address-space limit (RLIMIT_AS) of each ffmpeg/ffprobe child."
+    )
+
+
+class NetworkSettings(BaseModel):
+    """Outbound HTTP: media downloads and callbacks."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, addresses or CIDR blocks fetched even though they are not public "
+        "(JSON list). Everything else must resolve to global unicast addresses only.",
+    )
+    max_redirects: int = Field(5, ge=0, le=20, description="Redirect hops followed by a download (each checked).")
+
+
+class ServerSettings(BaseModel):
+    """The HTTP ingress: what it accepts and from whom."""
+
+    open_paths: list[str] = Field(
+        default_factory=lambda: ["/health", "/docs", "/openapi.json"],
+        description="Paths served without an API key.",
+    )
+    anonymous_remote: bool = Field(
+        False,
+        description="With no API keys set, also serve clients that are not on loopback (trusted networks only).",
+    )
+    max_json_bytes: int = Field(64 * 1024, gt=0, description="Largest JSON request body.")
+    max_result_bytes: int = Field(
+        256 * 1024**2, gt=0, description="Largest analysis result stored for a job (JSON bytes)."
+    )
+    upload_dir: Path | None = Field(
+        None, description="Where uploads are spooled while they wait and run; None = the system temp dir."
     )
 
 
@@ -136,6 +178,12 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "ecg-audio-analyzer",
         description="Where embedded model weights are assembled, once.",
     )
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys (env ECG_API_KEYS); clients send `Authorization: Bearer <key>`."
+    )
+    api_keys_file: Path | None = Field(None, description="A file with one API key per line, added to api_keys.")
+    server: ServerSettings = ServerSettings()
+    network: NetworkSettings = NetworkSettings()
     media: MediaSettings = MediaSettings()
     s3: S3Settings = S3Settings()
     asr: AsrSettings = AsrSettings()

@@ -24,8 +24,26 @@ class SourceNotFound(InputError):
     code = "not_found"
 
 
+class PathNotAllowed(InputError):
+    """A local path outside the configured roots: refused the same way whether or not it exists."""
+
+    code = "path_not_allowed"
+
+
+class UnsupportedMediaType(InputError):
+    """A request body of a content type the server does not read."""
+
+    code = "unsupported_media_type"
+
+
 class NotMediaFile(InputError):
     code = "not_media"
+
+
+class DecodeLimitExceeded(NotMediaFile):
+    """ffprobe/ffmpeg needed more time, CPU or memory than the server's limits allow for this file."""
+
+    code = "decode_limit"
 
 
 class NoAudioStream(InputError):

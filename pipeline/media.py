@@ -8,46 +8,28 @@ file can only take down a child process.
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from pipeline.config import MediaSettings, S3Settings
-from pipeline.errors import (
-    AudioTooLong,
-    DownloadFailed,
-    EmptyAudio,
-    FileTooLarge,
-    InputError,
-    InvalidAudio,
-    NoAudioStream,
-    NotMediaFile,
-    SourceNotFound,
-)
+from pipeline.config import MediaSettings, NetworkSettings, S3Settings
+from pipeline.errors import AudioTooLong, DownloadFailed, FileTooLarge, InputError, InvalidAudio, SourceNotFound
+from pipeline.ffmpeg import SAMPLE_RATE, MediaInfo, decode, probe
+from pipeline.netguard import NetworkPolicy, download, quiet_http_client_logs
+from pipeline.sources import local_path, scheme_of
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16_000
 _CHUNK = 1 << 20
 # Above this share of NaN/inf samples a file is refused rather than repaired (see finite_samples).
 _MAX_NON_FINITE = 0.5
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    container: str
-    duration: float | None
-    audio_codec: str
-    has_video: bool
 
 
 @dataclass
@@ -64,9 +46,19 @@ class Audio:
         return len(self.samples) / self.sample_rate
 
 
+def upload_name(filename: str) -> str:
+    """The client's file name, safe to use as one: no directories, not too long, never empty."""
+    name = Path(filename.replace("\\", "/")).name.strip().lstrip(".")
+    return name[-100:] or "upload"
+
+
 def redact(source: str) -> str:
     """A source as it may appear in logs and errors: no query string, no user info."""
-    parts = urlsplit(source)
+    try:
+        parts = urlsplit(source)
+        parts.hostname  # noqa: B018 (parsing the host is what may fail)
+    except ValueError:  # e.g. "http://[::1": nothing of it is worth showing
+        return "<invalid URL>"
     if parts.scheme in ("http", "https", "s3"):
         return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
     return source
@@ -75,10 +67,13 @@ def redact(source: str) -> str:
 class MediaLoader:
     """Turns a source string or uploaded bytes into `Audio`. Holds the S3 client."""
 
-    def __init__(self, media: MediaSettings, s3: S3Settings) -> None:
+    def __init__(self, media: MediaSettings, s3: S3Settings, network: NetworkSettings | None = None) -> None:
         self._media = media
         self._s3_settings = s3
+        self._network = network or NetworkSettings()
+        self._policy = NetworkPolicy.from_settings(self._network)
         self._s3: S3Client | None = None
+        quiet_http_client_logs()
 
     def load(self, source: str) -> Audio:
         with tempfile.TemporaryDirectory(prefix="ecg-media-") as tmp:
@@ -87,39 +82,44 @@ class MediaLoader:
         audio.source = redact(source)
         return audio
 
-    def load_bytes(self, data: bytes, filename: str = "upload") -> Audio:
-        if len(data) > self._media.max_file_bytes:
-            raise FileTooLarge(f"upload is {len(data)} bytes; the limit is {self._media.max_file_bytes}")
+    def load_upload(self, path: Path, filename: str = "upload") -> Audio:
+        """A file the server spooled itself (an upload), so not subject to the local roots.
+
+        It is read under the client's file name (a link in a private directory):
+        errors then name the file the client knows, and its extension helps ffprobe.
+        """
+        size = path.stat().st_size
+        if size > self._media.max_file_bytes:
+            raise FileTooLarge(f"upload is {size} bytes; the limit is {self._media.max_file_bytes}")
+        name = upload_name(filename)
         with tempfile.TemporaryDirectory(prefix="ecg-upload-") as tmp:
-            path = Path(tmp) / Path(filename).name
-            path.write_bytes(data)
-            audio = self.load_file(path)
-        audio.source = Path(filename).name
+            link = Path(tmp) / name
+            link.symlink_to(path.resolve())
+            audio = self.load_file(link)
+        audio.source = name
         return audio
 
     def load_file(self, path: Path) -> Audio:
-        info = probe(path)
+        info = probe(path, self._media)
         if info.duration is not None and info.duration > self._media.max_duration_s:
             raise AudioTooLong(f"media lasts {info.duration:.1f} s; the limit is {self._media.max_duration_s:.0f} s")
-        samples = decode(path, self._media.max_duration_s)
+        samples = finite_samples(decode(path, self._media, info.duration), path.name)
         return Audio(samples=samples, info=info, source=str(path))
 
     # -- fetching --------------------------------------------------------
 
     def _fetch(self, source: str, workdir: Path) -> Path:
-        scheme = urlsplit(source).scheme.lower()
+        scheme = scheme_of(source)
         if scheme in ("http", "https"):
             return self._download_http(source, workdir)
         if scheme == "s3":
             return self._download_s3(source, workdir)
         if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
-            return self._local(source.removeprefix("file://"))
+            return self._local(source)
         raise InputError(f"unsupported source scheme {scheme!r}: use a path, http(s):// or s3://")
 
     def _local(self, source: str) -> Path:
-        if not self._media.allow_local_paths:
-            raise InputError("local paths are disabled on this server; send a URL, an s3:// URI or an upload")
-        path = Path(source).expanduser()
+        path = local_path(source, self._media.local_roots)
         if not path.is_file():
             raise SourceNotFound(f"no such file: {source}")
         size = path.stat().st_size
@@ -128,27 +128,19 @@ class MediaLoader:
         return path
 
     def _download_http(self, url: str, workdir: Path) -> Path:
-        import httpx
-
-        target = workdir / (Path(urlsplit(url).path).name or "download")
-        limit = self._media.max_file_bytes
-        try:
-            with httpx.stream("GET", url, follow_redirects=True, timeout=self._media.download_timeout_s) as r:
-                if r.status_code == 404:
-                    raise SourceNotFound(f"{redact(url)} answered 404")
-                if r.status_code >= 400:
-                    raise DownloadFailed(f"{redact(url)} answered HTTP {r.status_code}")
-                if int(r.headers.get("content-length") or 0) > limit:
-                    raise FileTooLarge(f"{redact(url)} is larger than the limit of {limit} bytes")
-                received = 0
-                with target.open("wb") as out:
-                    for chunk in r.iter_bytes(_CHUNK):
-                        received += len(chunk)
-                        if received > limit:
-                            raise FileTooLarge(f"{redact(url)} is larger than the limit of {limit} bytes")
-                        out.write(chunk)
-        except httpx.HTTPError as e:
-            raise DownloadFailed(f"could not download {redact(url)}: {type(e).__name__}") from e
+        """Through `pipeline.netguard`: public addresses only (or `network.allowed_hosts`), every hop checked."""
+        suffix = Path(url.split("?")[0].split("#")[0]).suffix
+        target = workdir / ("download" + (suffix if suffix[1:].isalnum() and len(suffix) <= 8 else ""))
+        media = self._media
+        download(
+            url,
+            target,
+            policy=self._policy,
+            max_bytes=media.max_file_bytes,
+            deadline_s=media.download_timeout_s,
+            read_timeout_s=media.download_read_timeout_s,
+            max_redirects=self._network.max_redirects,
+        )
         return target
 
     def _download_s3(self, uri: str, workdir: Path) -> Path:
@@ -187,50 +179,6 @@ class MediaLoader:
                 aws_secret_access_key=s.secret_access_key.get_secret_value() if s.secret_access_key else None,
             )
         return self._s3
-
-
-def probe(path: Path) -> MediaInfo:
-    """Read container and stream facts with ffprobe; typed errors for non-media and silent video."""
-    proc = subprocess.run(
-        ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise NotMediaFile(f"{path.name} is not a media file ffmpeg can read")
-    meta: dict[str, Any] = json.loads(proc.stdout or "{}")
-    streams = meta.get("streams", [])
-    audio = [s for s in streams if s.get("codec_type") == "audio"]
-    if not audio:
-        if not streams:
-            raise NotMediaFile(f"{path.name} holds no media streams")
-        raise NoAudioStream(f"{path.name} has no audio stream")
-    fmt = meta.get("format", {})
-    duration = fmt.get("duration") or audio[0].get("duration")
-    return MediaInfo(
-        container=fmt.get("format_name", "unknown"),
-        duration=float(duration) if duration not in (None, "N/A") else None,
-        audio_codec=audio[0].get("codec_name", "unknown"),
-        has_video=any(s.get("codec_type") == "video" for s in streams),
-    )
-
-
-def decode(path: Path, max_duration_s: float) -> np.ndarray:
-    """The first audio stream as 16 kHz mono float32 (ffmpeg's resampler and downmix)."""
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn", "-ac", "1"]
-    # Decode one second past the limit so "too long" is detected even when the
-    # container does not declare its duration.
-    cmd += ["-ar", str(SAMPLE_RATE), "-t", str(max_duration_s + 1), "-f", "f32le", "pipe:1"]
-    proc = subprocess.run(cmd, capture_output=True)
-    if proc.returncode != 0:
-        detail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        raise NotMediaFile(f"could not decode the audio of {path.name}: {detail[0][:200]}")
-    samples = np.frombuffer(proc.stdout, dtype=np.float32).copy()
-    if samples.size == 0:
-        raise EmptyAudio(f"{path.name} contains no audio samples")
-    if samples.size > max_duration_s * SAMPLE_RATE:
-        raise AudioTooLong(f"{path.name} is longer than the limit of {max_duration_s:.0f} s")
-    return finite_samples(samples, path.name)
 
 
 def finite_samples(samples: np.ndarray, name: str) -> np.ndarray:

@@ -19,6 +19,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = ROOT / ".venv" / "bin" / "serve"
+# The one non-public address the test server may reach (ECG_NETWORK__ALLOWED_HOSTS): callback receivers
+# and media servers of the tests bind it, while 127.0.0.1 (Ray's dashboard, the server itself) stays refused.
+TRUSTED_HOST = "127.0.0.2"
+API_KEY = "test-key-alpha-2f6c1e0b9d"
+OTHER_KEY = "test-key-beta-7a3d5c8e41"
 
 
 def free_port() -> int:
@@ -107,6 +112,8 @@ class CallbackReceiver:
     refuse_finals: dict[str, int] = field(default_factory=dict)  # path -> how many to answer 500
     scripted: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer first, in order
 
+    host: str = TRUSTED_HOST
+
     def __post_init__(self) -> None:
         receiver = self
         self._lock = threading.Lock()
@@ -123,7 +130,7 @@ class CallbackReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def _answer(self, path: str, raw: bytes) -> int:
@@ -137,7 +144,7 @@ class CallbackReceiver:
         return 200
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}{path}"
+        return f"http://{self.host}:{self._server.server_port}{path}"
 
     def received(self, path: str) -> list[Callback]:
         with self._lock:
@@ -153,6 +160,42 @@ class CallbackReceiver:
                 return self.received(path)
             time.sleep(0.2)
         raise TimeoutError(f"no final callback on {path} within {timeout_s} s; got {len(self.received(path))}")
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+class Recorder:
+    """An HTTP server that answers every request with `routes` (path -> (status, headers, body)) and
+    records the paths asked for. On 127.0.0.1 it is the canary: the server must never reach it."""
+
+    def __init__(self, host: str, routes: dict[str, tuple[int, dict[str, str], bytes]] | None = None) -> None:
+        self.host = host
+        self.routes = routes or {}
+        self.hits: list[str] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                recorder.hits.append(self.path)
+                status, headers, body = recorder.routes.get(self.path.split("?")[0], (404, {}, b"not here"))
+                self.send_response(status)
+                for name, value in {"content-length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_HEAD = _answer  # noqa: N815 (http.server's naming)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, 0), Handler)
+        self.port = self._server.server_port
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
 
     def close(self) -> None:
         self._server.shutdown()

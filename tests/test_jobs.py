@@ -13,15 +13,18 @@ from standardwebhooks import Webhook
 
 from deployments.callbacks import CallbackSender, sign
 from deployments.errors import Overloaded, as_analyzer_error, http_status
-from deployments.jobs import CallbackPayload, Job, JobError, JobStatus, SqliteJobStore, now
+from deployments.jobs import CallbackPayload, Job, JobError, JobStatus, SqliteJobStore, job_key, now
 from deployments.progress import TrackerProgress
 from deployments.tracker import JobTracker
 from pipeline.analyzer import STAGE_WEIGHTS as WEIGHTS
-from pipeline.config import JobSettings
+from pipeline.config import JobSettings, NetworkSettings
 from pipeline.errors import ModelError, NotMediaFile, SourceNotFound, UnsupportedLanguage
+from pipeline.netguard import NetworkPolicy
 from pipeline.schemas import AnalysisResult, Metadata
 from tests.serving import CallbackReceiver
 
+# Callbacks go to receivers on loopback here: allowed explicitly, as the safe default refuses them.
+LOOPBACK = NetworkSettings(allowed_hosts=["127.0.0.0/8"])
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 RESULT = AnalysisResult(
     segments=[],
@@ -53,12 +56,15 @@ def test_store_round_trip_and_unfinished(tmp_path):
     store = SqliteJobStore(tmp_path / "db" / "jobs.sqlite3")
     queued = Job(job_id="a", status=JobStatus.queued, created_at=now(), callback_url="http://x/cb")
     done = Job(job_id="b", status=JobStatus.failed, created_at=now(), error=JobError(code="c", message="m"))
+    theirs = Job(job_id="a", owner="0123abcd", status=JobStatus.completed, created_at=now())
     store.save(queued)
     store.save(done)
-    assert store.get("a") == queued and store.get("b") == done and store.get("zzz") is None
+    store.save(theirs)  # the same id under another owner is another job
+    assert store.get(job_key("", "a")) == queued and store.get(job_key("", "b")) == done
+    assert store.get(job_key("0123abcd", "a")) == theirs and store.get(job_key("", "zzz")) is None
     assert [j.job_id for j in store.unfinished()] == ["a"]
     store.close()
-    assert SqliteJobStore(tmp_path / "db" / "jobs.sqlite3").get("b") == done  # on disk
+    assert SqliteJobStore(tmp_path / "db" / "jobs.sqlite3").get(job_key("", "b")) == done  # on disk
     assert "callback_url" not in queued.view().model_dump()
 
 
@@ -81,7 +87,7 @@ def test_signature_verifies_with_standard_webhooks():
 )
 def test_delivery_retries_only_what_may_succeed(tmp_path, receiver, answers, attempts, delivered, calls):
     receiver.scripted["/cb"] = list(answers)
-    sender = CallbackSender(job_settings(tmp_path))
+    sender = CallbackSender(job_settings(tmp_path), NetworkPolicy.from_settings(LOOPBACK))
     ok = asyncio.run(sender.deliver(receiver.url("/cb"), payload(), "msg-1", attempts))
     assert ok is delivered
     received = receiver.received("/cb")
@@ -90,33 +96,43 @@ def test_delivery_retries_only_what_may_succeed(tmp_path, receiver, answers, att
 
 
 def test_unreachable_receiver_is_not_an_error(tmp_path):
-    sender = CallbackSender(job_settings(tmp_path, callback_timeout_s=1))
+    sender = CallbackSender(job_settings(tmp_path, callback_timeout_s=1), NetworkPolicy.from_settings(LOOPBACK))
     assert asyncio.run(sender.deliver("http://127.0.0.1:9/cb", payload(), "m", attempts=2)) is False
 
 
+def test_callbacks_to_refused_addresses_are_never_sent(tmp_path, receiver):
+    """The default policy refuses loopback: delivery gives up at once, and nothing arrives."""
+    sender = CallbackSender(job_settings(tmp_path), NetworkPolicy.from_settings(NetworkSettings()))
+    t0 = time.monotonic()
+    assert asyncio.run(sender.deliver(receiver.url("/cb"), payload(), "m", attempts=5)) is False
+    assert time.monotonic() - t0 < 2  # refused, not retried with backoff
+    assert receiver.received("/cb") == []
+
+
 async def run_job(tracker: JobTracker, job_id: str, url: str | None, fail: bool = False) -> None:
-    await tracker.submit(job_id, "https://media.example/a.wav?token=secret", url)
-    await tracker.start(job_id)
+    await tracker.submit("", job_id, "https://media.example/a.wav?token=secret", url)
+    key = job_key("", job_id)
+    await tracker.start(key)
     for fraction in (0.0, 0.5, 0.4, 1.0):  # 0.4 after 0.5: progress must not go back
-        tracker.progress(job_id, "transcription", fraction, f"asr {fraction}")
+        tracker.progress(key, "transcription", fraction, f"asr {fraction}")
         await asyncio.sleep(0.05)
     if fail:
-        await tracker.fail(job_id, JobError(code="not_media", message="not a media file"))
+        await tracker.fail(key, JobError(code="not_media", message="not a media file"))
     else:
-        await tracker.complete(job_id, RESULT)
-    tracker.progress(job_id, "diarization", 1.0, "late")  # after the end: dropped
+        await tracker.complete(key, RESULT)
+    tracker.progress(key, "diarization", 1.0, "late")  # after the end: dropped
 
 
 def test_tracker_progress_final_and_late_updates(tmp_path, receiver):
     async def scenario():
-        tracker = JobTracker(job_settings(tmp_path), WEIGHTS)
+        tracker = JobTracker(job_settings(tmp_path), LOOPBACK, WEIGHTS)
         await run_job(tracker, "ok", receiver.url("/ok"))
         await run_job(tracker, "bad", receiver.url("/bad"), fail=True)
         for _ in range(100):
             if not tracker._channels:
                 break
             await asyncio.sleep(0.05)
-        return tracker, await tracker.get("ok"), await tracker.get("bad")
+        return tracker, await tracker.get(job_key("", "ok")), await tracker.get(job_key("", "bad"))
 
     tracker, ok, bad = asyncio.run(scenario())
     assert ok.status == "completed" and ok.progress == 100 and ok.result is not None
@@ -133,17 +149,20 @@ def test_tracker_progress_final_and_late_updates(tmp_path, receiver):
 
 def test_restarted_tracker_fails_interrupted_jobs(tmp_path, receiver):
     async def scenario():
-        first = JobTracker(job_settings(tmp_path), WEIGHTS)
-        await first.submit("lost", "a.wav", receiver.url("/lost"))
-        await first.start("lost")
-        second = JobTracker(job_settings(tmp_path), WEIGHTS)  # same SQLite file: a restart
-        job = await second.get("lost")
+        first = JobTracker(job_settings(tmp_path), LOOPBACK, WEIGHTS)
+        await first.submit("", "lost", "a.wav", receiver.url("/lost"))
+        await first.start(job_key("", "lost"))
+        second = JobTracker(job_settings(tmp_path), LOOPBACK, WEIGHTS)  # same SQLite file: a restart
+        job = await second.get(job_key("", "lost"))
         await asyncio.sleep(0.5)
         return job
 
     job = asyncio.run(scenario())
     assert job.status == "failed" and job.error.code == "interrupted"
-    assert receiver.wait_final("/lost", timeout_s=10)[-1].body["status"] == "failed"
+    calls = receiver.wait_final("/lost", timeout_s=10)
+    # The first tracker lives on in this test (a real restart kills it), so its own progress
+    # callback may still arrive after the second one's final callback.
+    assert [c.body["status"] for c in calls if c.final] == ["failed"]
 
 
 def test_tracker_progress_thins_updates():
@@ -175,25 +194,28 @@ def test_errors_map_to_http_statuses():
 
 def test_same_job_id_submitted_twice_at_once_creates_one_job(tmp_path):
     async def scenario():
-        tracker = JobTracker(job_settings(tmp_path), WEIGHTS)
-        return await asyncio.gather(*(tracker.submit("twin", "a.wav", None) for _ in range(2)))
+        tracker = JobTracker(job_settings(tmp_path), LOOPBACK, WEIGHTS)
+        twins = await asyncio.gather(*(tracker.submit("", "twin", "a.wav", None) for _ in range(2)))
+        other = await tracker.submit("another-owner", "twin", "b.wav", None)
+        return twins, other
 
-    (_, first), (_, second) = asyncio.run(scenario())
+    ((_, first), (_, second)), (view, created) = asyncio.run(scenario())
     assert sorted([first, second]) == [False, True]
+    assert created and view.source == "b.wav"  # ids are per owner: no one can take another's id
 
 
 def test_dead_receiver_does_not_hold_up_other_jobs(tmp_path, receiver):
     async def scenario():
         settings = job_settings(tmp_path, callback_attempts=6, callback_backoff_s=1.0, callback_timeout_s=1)
-        tracker = JobTracker(settings, WEIGHTS)
-        await tracker.submit("stuck", "a.wav", "http://127.0.0.1:9/dead")  # connection refused, retried
-        await tracker.start("stuck")
-        await tracker.complete("stuck", RESULT)
+        tracker = JobTracker(settings, LOOPBACK, WEIGHTS)
+        await tracker.submit("", "stuck", "a.wav", "http://127.0.0.1:9/dead")  # connection refused, retried
+        await tracker.start(job_key("", "stuck"))
+        await tracker.complete(job_key("", "stuck"), RESULT)
         t0 = time.monotonic()
         await run_job(tracker, "fine", receiver.url("/fine"))
         while not any(c.final for c in receiver.received("/fine")):
             await asyncio.sleep(0.05)
-        return time.monotonic() - t0, "stuck" in tracker._channels
+        return time.monotonic() - t0, job_key("", "stuck") in tracker._channels
 
     elapsed, still_retrying = asyncio.run(scenario())
     assert still_retrying  # the dead receiver's final callback is still being retried...

@@ -7,14 +7,16 @@ import http.server
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline.config import MediaSettings, S3Settings
+from pipeline.config import MediaSettings, NetworkSettings, S3Settings
 from pipeline.errors import (
     AudioTooLong,
     DownloadFailed,
@@ -24,16 +26,22 @@ from pipeline.errors import (
     InvalidAudio,
     NoAudioStream,
     NotMediaFile,
+    PathNotAllowed,
     SourceNotFound,
 )
-from pipeline.media import MediaLoader, choose_source, finite_samples, redact
-from tests.conftest import ffmpeg, fixture_path
+from pipeline.media import MediaLoader, choose_source, finite_samples, redact, upload_name
+from tests.conftest import FIXTURES, ffmpeg, fixture_path
 
 SOURCE = fixture_path("sentence_es.flac")
+LOOPBACK = ("127.0.0.1",)
 
 
-def loader(**media) -> MediaLoader:
-    return MediaLoader(MediaSettings(**media), S3Settings())
+def loader(allowed_hosts: tuple[str, ...] = (), **media) -> MediaLoader:
+    # The safe defaults read no local file outside ./data and fetch from public addresses only:
+    # the tests name their own directories, and the hosts of their own servers.
+    media.setdefault("local_roots", [FIXTURES, Path(tempfile.gettempdir())])
+    network = NetworkSettings(allowed_hosts=list(allowed_hosts))
+    return MediaLoader(MediaSettings(**media), S3Settings(), network)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +77,7 @@ def test_video_with_audio(tmp_path):
 
 def test_missing_file():
     with pytest.raises(SourceNotFound):
-        loader().load("/nonexistent/clip.mp4")
+        loader().load(str(FIXTURES / "no-such-clip.mp4"))
 
 
 def test_not_media(tmp_path):
@@ -132,17 +140,35 @@ def test_too_large():
         loader(max_file_bytes=1000).load(str(SOURCE))
 
 
-def test_upload_bytes(reference):
-    audio = loader().load_bytes(SOURCE.read_bytes(), "../../etc/upload.flac")
+def test_spooled_upload(reference, tmp_path):
+    """An upload is read from the server's own spool file (outside the roots), under the client's name."""
+    spooled = tmp_path / "ecg-upload-1234"
+    spooled.write_bytes(SOURCE.read_bytes())
+    audio = loader(local_roots=[]).load_upload(spooled, "../../etc/upload.flac")
     assert audio.source == "upload.flac"
     assert len(audio.samples) == len(reference)
-    with pytest.raises(NotMediaFile):
-        loader().load_bytes(b"\x00" * 100, "x.wav")
+    spooled.write_bytes(b"\x00" * 100)
+    with pytest.raises(NotMediaFile, match="x.wav") as refused:
+        loader().load_upload(spooled, "C:\\media\\x.wav")
+    assert "ecg-upload" not in str(refused.value)
+    assert upload_name("") == upload_name("..") == "upload" and len(upload_name("a" * 999)) == 100
 
 
-def test_local_paths_can_be_disabled():
-    with pytest.raises(InputError, match="local paths are disabled"):
-        loader(allow_local_paths=False).load(str(SOURCE))
+def test_local_paths_only_under_the_roots(tmp_path):
+    with pytest.raises(PathNotAllowed):
+        loader(local_roots=[]).load(str(SOURCE))
+    with pytest.raises(PathNotAllowed):  # an existing file and a missing one: the same refusal
+        loader(local_roots=[tmp_path]).load("/etc/passwd")
+    with pytest.raises(PathNotAllowed):
+        loader(local_roots=[tmp_path]).load("/etc/no-such-file")
+    (tmp_path / "link.flac").symlink_to(SOURCE)  # a link inside the root to a file outside
+    with pytest.raises(PathNotAllowed):
+        loader(local_roots=[tmp_path]).load(str(tmp_path / "link.flac"))
+    with pytest.raises(PathNotAllowed):
+        loader(local_roots=[tmp_path]).load(f"{tmp_path}/../{tmp_path.name}/../x.flac")
+    with pytest.raises(SourceNotFound):  # inside a root, a missing file may say so
+        loader(local_roots=[tmp_path]).load(str(tmp_path / "missing.flac"))
+    assert loader(local_roots=[SOURCE.parent]).load(f"file://{SOURCE}").duration > 1
 
 
 def test_unsupported_scheme():
@@ -185,24 +211,26 @@ def http_base():
 
 
 def test_http_download(http_base, reference):
-    audio = loader().load(f"{http_base}/{SOURCE.name}?token=abc")
+    audio = loader(LOOPBACK).load(f"{http_base}/{SOURCE.name}?token=abc")
     assert len(audio.samples) == len(reference)
     assert audio.source == f"http://127.0.0.1/{SOURCE.name}"  # query string (credentials) dropped
 
 
 def test_http_errors(http_base):
-    with pytest.raises(SourceNotFound):
-        loader().load(f"{http_base}/missing.wav")
-    with pytest.raises(DownloadFailed, match="HTTP 500"):
-        loader().load(f"{http_base}/error.wav")
+    # A 404, a 500 and a refused address read alike: the answer is no oracle of what lies behind.
+    for url in (f"{http_base}/missing.wav", f"{http_base}/error.wav"):
+        with pytest.raises(DownloadFailed, match=r"^could not download http://127\.0\.0\.1/\w+\.wav$"):
+            loader(LOOPBACK).load(url)
+    with pytest.raises(DownloadFailed, match=r"^could not download http://127\.0\.0\.1/sentence_es\.flac$"):
+        loader().load(f"{http_base}/{SOURCE.name}")  # loopback is not allowed by default
     with pytest.raises(FileTooLarge):
-        loader(max_file_bytes=10_000).load(f"{http_base}/{SOURCE.name}")
+        loader(LOOPBACK, max_file_bytes=10_000).load(f"{http_base}/{SOURCE.name}")
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
     with pytest.raises(DownloadFailed):
-        loader().load(f"http://127.0.0.1:{port}/a.wav")
+        loader(LOOPBACK).load(f"http://127.0.0.1:{port}/a.wav")
 
 
 # -- s3:// through moto's S3 server ----------------------------------------

@@ -2,7 +2,8 @@
 instance of its own, the real embedded models), called over HTTP on loopback,
 with callbacks going to a real HTTP receiver.
 
-One server serves the whole module (models load once); the last test restarts it.
+One server (tests/conftest.py: `server`, with API keys and the test relaxations
+of the safe defaults) serves every server test module; the last test restarts it.
 """
 
 from __future__ import annotations
@@ -23,36 +24,11 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipeline.schemas import AnalysisResult
-from tests.conftest import ffmpeg, fixture_path, truth, words_of
-from tests.serving import ROOT, CallbackReceiver, ServeProcess
+from tests.conftest import CALLBACK_SECRET, S3_SECRET, ffmpeg, fixture_path, truth, words_of
+from tests.serving import API_KEY, ROOT, CallbackReceiver
 
-SECRET = "whsec_" + base64.b64encode(b"callback-signing-key-for-tests-0").decode()
-S3_SECRET = "s3-secret-that-must-never-be-logged"
+SECRET = CALLBACK_SECRET
 JOBS = "/api/upload-video/process-video"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, settings):
-    workdir = tmp_path_factory.mktemp("serve")
-    env = {
-        "ECG_CACHE_DIR": str(settings.cache_dir),
-        "ECG_JOBS__DB_PATH": str(workdir / "jobs.sqlite3"),
-        "ECG_JOBS__CALLBACK_SECRET": SECRET,
-        "ECG_JOBS__CALLBACK_BACKOFF_S": "0.2",
-        "ECG_JOBS__MAX_WAITING": "2",  # 4 running + 2 waiting: a burst of 8 must meet a 503
-        "ECG_S3__SECRET_ACCESS_KEY": S3_SECRET,
-        "HF_HUB_OFFLINE": "1",
-    }
-    process = ServeProcess(workdir, env)
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +100,8 @@ def test_sync_analysis_is_recorded_as_a_job(client, sync_dialogue):
     job = client.get("/jobs/sync-1").json()
     assert job["status"] == "completed"
     assert job["result"] == sync_dialogue.json()
-    assert client.post("/transcribe", json={"audio_path": "x.wav", "job_id": "sync-1"}).status_code == 409
+    again = {"audio_path": str(fixture_path("sentence_es.flac")), "job_id": "sync-1"}
+    assert client.post("/transcribe", json=again).status_code == 409
 
 
 def test_async_job_progress_then_one_final_callback(client, async_dialogue):
@@ -157,7 +134,7 @@ def test_callbacks_carry_standard_webhook_signatures(async_dialogue):
 
 def test_resubmitting_a_job_id_returns_that_job(client, receiver, async_dialogue):
     before = len(receiver.received("/dialogue"))
-    again = client.post(JOBS, json={"audio_path": "whatever.wav", "job_id": "async-1"})
+    again = client.post(JOBS, json={"audio_path": str(fixture_path("sentence_es.flac")), "job_id": "async-1"})
     assert again.status_code == 200
     assert again.json()["status"] == "completed"
     assert len(receiver.received("/dialogue")) == before  # not run again, no new callbacks
@@ -214,8 +191,8 @@ def test_a_burst_past_capacity_gets_503_and_loses_no_job(client, receiver):
 
 
 @pytest.fixture(scope="module")
-def silent_video(tmp_path_factory):
-    path = tmp_path_factory.mktemp("media") / "silent.mp4"
+def silent_video(media_root):
+    path = media_root / "silent.mp4"
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=5", "-t", "1", "-pix_fmt", "yuv420p", str(path))
     return path
 
@@ -223,8 +200,8 @@ def silent_video(tmp_path_factory):
 ES = "tests/fixtures/sentence_es.flac"
 BAD_REQUESTS = {
     "no source": ({}, 400, "invalid_input"),
-    "missing file": ({"audio_path": "/no/such/file.wav"}, 404, "not_found"),
-    "not media": ({"audio_path": "README.md"}, 415, "not_media"),
+    "missing file": ({"audio_path": "tests/fixtures/no-such-file.wav"}, 404, "not_found"),
+    "not media": ({"audio_path": "tests/fixtures/make_fixtures.py"}, 415, "not_media"),
     "no audio stream": ({"video_path": "SILENT_VIDEO"}, 422, "no_audio_stream"),
     "unknown language": ({"audio_path": ES, "language": "xx"}, 400, "unsupported_language"),
     "min above max": ({"audio_path": ES, "min_speakers": 3, "max_speakers": 2}, 400, "invalid_input"),
@@ -258,7 +235,9 @@ def test_malformed_json_and_unknown_job(client):
     assert response.status_code == 422 and response.json()["error"] == "invalid_input"
     response = client.get("/jobs/no-such-job")
     assert response.status_code == 404 and response.json()["error"] == "unknown_job"
-    response = client.post(JOBS, json={"audio_path": "a.wav", "callback_url": "ftp://example.com/x"})
+    response = client.post(
+        JOBS, json={"audio_path": str(fixture_path("sentence_es.flac")), "callback_url": "ftp://example.com/x"}
+    )
     assert response.status_code == 400 and "callback_url" in response.json()["message"]
 
 
@@ -275,9 +254,9 @@ def test_failed_job_sends_a_failed_callback(client, receiver, silent_video):
     assert job["status"] == "failed" and job["error"]["code"] == "no_audio_stream"
 
 
-def test_nan_audio_is_refused(client, receiver, tmp_path):
+def test_nan_audio_is_refused(client, receiver, media_root):
     """Float samples that are all NaN: 422 `invalid_audio`, not a 500, by path or by upload."""
-    path = tmp_path / "nan.wav"
+    path = media_root / "nan.wav"
     sf.write(path, np.full(16_000, np.nan, dtype=np.float32), 16_000, subtype="FLOAT")
     response = client.post("/transcribe", json={"audio_path": str(path)})
     assert response.status_code == 422, response.text
@@ -306,7 +285,8 @@ def test_openapi_documents_every_route(client):
         spec["components"]["schemas"]
     )
     content = spec["paths"][JOBS]["post"]["requestBody"]["content"]
-    assert "callback_url" in content["application/json"]["schema"]["properties"]
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/JobRequest"}
+    assert "callback_url" in spec["components"]["schemas"]["JobRequest"]["properties"]
     assert content["multipart/form-data"]["schema"]["properties"]["file"]["format"] == "binary"
     assert client.get("/docs").status_code == 200
 
@@ -340,5 +320,5 @@ def test_finished_jobs_survive_a_restart(server, client, async_dialogue):
     assert before["status"] == "completed"
     server.stop()
     server.start()
-    after = httpx.get(f"{server.url}/jobs/async-1", timeout=30).json()
+    after = httpx.get(f"{server.url}/jobs/async-1", timeout=30, headers={"authorization": f"Bearer {API_KEY}"}).json()
     assert after == before

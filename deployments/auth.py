@@ -1,0 +1,85 @@
+"""Who is calling: API keys, and the owner each key stands for.
+
+Keys come from `ECG_API_KEYS` (comma-separated) and/or `api_keys_file` (one
+per line). A client sends `Authorization: Bearer <key>`. A job belongs to the
+key that created it; the owner recorded with it is a digest of the key, so the
+job store never holds a key.
+
+With no key configured the server is anonymous and, unless
+`server.anonymous_remote` is set, answers only clients on loopback: a server
+started without keys is a developer's, not a public one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from deployments.errors import Forbidden, Unauthorized
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+ANONYMOUS = ""
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def owner_of(key: str) -> str:
+    """The owner id recorded for a key: part of its digest, never the key itself."""
+    return _digest(key).hex()[:24]
+
+
+@dataclass(frozen=True)
+class Access:
+    keys: tuple[bytes, ...]  # SHA-256 digests: equal lengths, so comparing leaks no length
+    open_paths: frozenset[str]
+    anonymous_remote: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Access:
+        keys = []
+        if settings.api_keys is not None:
+            keys += settings.api_keys.get_secret_value().split(",")
+        if settings.api_keys_file is not None:
+            keys += settings.api_keys_file.read_text().splitlines()
+        keys = [k.strip() for k in keys if k.strip()]
+        access = cls(
+            keys=tuple(_digest(k) for k in dict.fromkeys(keys)),
+            open_paths=frozenset(settings.server.open_paths),
+            anonymous_remote=settings.server.anonymous_remote,
+        )
+        if not access.keys:
+            where = "any client" if access.anonymous_remote else "clients on loopback only"
+            log.warning("no API keys configured (ECG_API_KEYS): the server is open to %s", where)
+        return access
+
+    def is_open(self, path: str) -> bool:
+        return path in self.open_paths
+
+    def owner(self, authorization: str | None, client_host: str | None) -> str:
+        """The caller's owner id; Unauthorized/Forbidden when it may not call."""
+        if not self.keys:
+            if self.anonymous_remote or _is_loopback(client_host):
+                return ANONYMOUS
+            raise Forbidden("this server has no API keys and serves clients on loopback only")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized("send an API key: `Authorization: Bearer <key>`")
+        candidate = _digest(given.strip())
+        # Compare with every key, always: the time taken says nothing about which key nearly matched.
+        matches = [hmac.compare_digest(candidate, key) for key in self.keys]
+        if not any(matches):
+            raise Unauthorized("unknown API key")
+        return owner_of(given.strip())
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
