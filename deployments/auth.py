@@ -6,8 +6,12 @@ key that created it; the owner recorded with it is a digest of the key, so the
 job store never holds a key.
 
 With no key configured the server is anonymous and, unless
-`server.anonymous_remote` is set, answers only clients on loopback: a server
-started without keys is a developer's, not a public one.
+`server.anonymous_remote` is set, answers only clients on loopback that name
+it by a loopback Host: a server started without keys is a developer's, not a
+public one. Then the threat is the developer's browser, which any web page can
+make post a form, or reach the server through a rebound DNS name; so requests
+with a foreign Host or Origin are refused. With keys, a browser cannot attach
+one on its own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hmac
 import ipaddress
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from deployments.errors import Forbidden, Unauthorized
 from pipeline.config import Settings
@@ -61,12 +66,16 @@ class Access:
     def is_open(self, path: str) -> bool:
         return path in self.open_paths
 
-    def owner(self, authorization: str | None, client_host: str | None) -> str:
-        """The caller's owner id; Unauthorized/Forbidden when it may not call."""
+    def owner(
+        self, authorization: str | None, client_host: str | None, host: str | None = None, origin: str | None = None
+    ) -> str:
+        """The caller's owner id; Unauthorized/Forbidden when it may not call.
+
+        `host` and `origin` are the request's headers: they matter only without keys.
+        """
         if not self.keys:
-            if self.anonymous_remote or _is_loopback(client_host):
-                return ANONYMOUS
-            raise Forbidden("this server has no API keys and serves clients on loopback only")
+            self._check_anonymous(client_host, host, origin)
+            return ANONYMOUS
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise Unauthorized("send an API key: `Authorization: Bearer <key>`")
@@ -77,8 +86,37 @@ class Access:
             raise Unauthorized("unknown API key")
         return owner_of(given.strip())
 
+    def _check_anonymous(self, client_host: str | None, host: str | None, origin: str | None) -> None:
+        """Without keys, a browser is the threat: any web page can make it post a form to
+        a loopback server, or rebind a name of its own to 127.0.0.1 and read the answers.
+        A page cannot choose the Host it sends nor hide its Origin, so both must be loopback."""
+        if origin is not None and not _is_loopback(_origin_name(origin)):
+            raise Forbidden("requests from web pages of other origins are refused on a server without API keys")
+        if self.anonymous_remote:
+            return
+        if not _is_loopback(client_host) or not _is_loopback(_host_name(host)):
+            raise Forbidden("this server has no API keys and serves clients on loopback only")
+
+
+def _origin_name(origin: str) -> str | None:
+    try:
+        return urlsplit(origin).hostname if "://" in origin else None  # "null" and junk: no name
+    except ValueError:
+        return None
+
+
+def _host_name(host: str | None) -> str | None:
+    """The name in a Host header: "[::1]:8080" -> "::1", "localhost:8080" -> "localhost"."""
+    if host is None:
+        return None
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
 
 def _is_loopback(host: str | None) -> bool:
+    if host is not None and host.lower() == "localhost":
+        return True
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -1,9 +1,11 @@
-"""Reading request bodies within limits: JSON up to a size, multipart uploads
-streamed to a file on disk with the size cap enforced while reading.
+"""Requests and results within limits: JSON bodies up to a size, multipart
+uploads streamed to a file on disk with the size cap enforced while reading,
+results no larger than the job store keeps.
 
-Only `application/json` and `multipart/form-data` are read: a browser can send
-a plain form or `text/plain` to any origin without asking, so accepting those
-would let any web page submit jobs with a visitor's cookies or network position.
+Only `application/json` and `multipart/form-data` are read. A web page can make
+a browser send a multipart form (or `text/plain`) anywhere without asking; what
+keeps such posts out is the API key a browser cannot attach, or, on a server
+without keys, the Host and Origin checks of `deployments.auth`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import TypeVar
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from pipeline.errors import FileTooLarge, InputError, UnsupportedMediaType
+from pipeline.media import upload_name
+from pipeline.schemas import AnalysisResult
 
 M = TypeVar("M", bound=BaseModel)
 # Room for the multipart framing and the small form fields around the file.
@@ -76,11 +80,14 @@ async def _limited(request: Request, limit: int, what: str) -> AsyncIterator[byt
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise FileTooLarge(f"{what} is {declared} bytes; the limit is {limit}")
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:  # chunked bodies declare no length: count as they come
-            raise FileTooLarge(f"{what} is larger than the limit of {limit} bytes")
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:  # chunked bodies declare no length: count as they come
+                raise FileTooLarge(f"{what} is larger than the limit of {limit} bytes")
+            yield chunk
+    except ClientDisconnect:  # nobody is left to answer; not the server's failure
+        raise InputError(f"the client went away before its {what} arrived") from None
 
 
 async def _spool(file: UploadFile, limit: int, spool_dir: Path | None) -> SpooledUpload:
@@ -89,14 +96,27 @@ async def _spool(file: UploadFile, limit: int, spool_dir: Path | None) -> Spoole
     size = file.size or 0
     if size > limit:
         raise FileTooLarge(f"upload is {size} bytes; the limit is {limit}")
-    name = Path(file.filename or "upload").name or "upload"
-    return SpooledUpload(await run_in_threadpool(_copy_to_disk, file, spool_dir), name, size)
-
-
-def _copy_to_disk(file: UploadFile, spool_dir: Path | None) -> Path:
+    name = upload_name(file.filename or "upload")
     if spool_dir is not None:
         spool_dir.mkdir(parents=True, exist_ok=True)
+    handle, name_on_disk = tempfile.mkstemp(prefix="ecg-upload-", dir=spool_dir)
+    path = Path(name_on_disk)
+    try:
+        await run_in_threadpool(_copy_to_disk, file, handle)
+    except BaseException:  # a full disk, or the client gone (cancelled): leave nothing behind
+        path.unlink(missing_ok=True)
+        raise
+    return SpooledUpload(path, name, size)
+
+
+def _copy_to_disk(file: UploadFile, handle: int) -> None:
     file.file.seek(0)
-    with tempfile.NamedTemporaryFile(prefix="ecg-upload-", dir=spool_dir, delete=False) as out:
+    with open(handle, "wb") as out:
         shutil.copyfileobj(file.file, out, 1 << 20)
-    return Path(out.name)
+
+
+def check_result_size(result: AnalysisResult, limit: int) -> None:
+    """FileTooLarge when `result` is more JSON than a job may keep (a day of speech, word by word)."""
+    size = len(result.model_dump_json())
+    if size > limit:
+        raise FileTooLarge(f"the result is {size} bytes of JSON; this server keeps at most {limit}")

@@ -29,7 +29,7 @@ from deployments.api import (
     StageInfo,
 )
 from deployments.auth import Access
-from deployments.bodies import SpooledUpload, media_type, read_form, read_json
+from deployments.bodies import SpooledUpload, check_result_size, media_type, read_form, read_json
 from deployments.errors import JobExists, Overloaded, Unauthorized, UnknownJob, as_analyzer_error, http_status
 from deployments.graph import Graph
 from deployments.jobs import JobError, JobView, job_key
@@ -38,7 +38,7 @@ from deployments.progress import TrackerProgress
 from deployments.tracker import job_tracker
 from pipeline.analyzer import STAGE_WEIGHTS, AnalysisOptions
 from pipeline.config import Settings
-from pipeline.errors import AnalyzerError, FileTooLarge, UnsupportedMediaType
+from pipeline.errors import AnalyzerError, UnsupportedMediaType
 from pipeline.media import choose_source
 from pipeline.netguard import NetworkPolicy, check_url_async
 from pipeline.schemas import AnalysisResult
@@ -126,7 +126,12 @@ def _options(body: AnalysisRequest) -> AnalysisOptions:
             max_speakers=body.max_speakers,
         )
     except ValidationError as e:
-        raise RequestValidationError(e.errors()) from e
+        raise _invalid(e) from e
+
+
+def _invalid(error: ValidationError) -> RequestValidationError:
+    """A body model's errors as FastAPI reports its own: located under "body"."""
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()])
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -172,7 +177,7 @@ class Ingress:
         self._settings = settings
         self._access = Access.from_settings(settings)
         self._network = NetworkPolicy.from_settings(settings.network)
-        self._graph = Graph(extraction, transcription, diarization, acoustics)
+        self._graph = Graph(extraction, transcription, diarization, acoustics, settings.jobs)
         self._tracker = job_tracker(settings.jobs, settings.network, STAGE_WEIGHTS)
         self._slots = asyncio.Semaphore(settings.jobs.max_active)
         self._admitted = 0  # analyses this replica accepted and has not finished
@@ -239,6 +244,7 @@ class Ingress:
         and the other fields as form fields.
         """
         owner = self._caller(request)
+        self._check_capacity()  # before an upload is read and spooled, not after
         body, upload = await self._read_job_request(request)
         try:
             options = _options(body)
@@ -281,7 +287,8 @@ class Ingress:
         if self._access.is_open(request.url.path):
             return ""
         client = request.client.host if request.client else None
-        return self._access.owner(request.headers.get("authorization"), client)
+        headers = request.headers
+        return self._access.owner(headers.get("authorization"), client, headers.get("host"), headers.get("origin"))
 
     def _source(self, body: AnalysisRequest) -> str:
         """The source to analyse, refused here already when it may never be read (a path off the roots)."""
@@ -293,7 +300,7 @@ class Ingress:
         try:
             return await read_json(request, model, self._settings.server.max_json_bytes)
         except ValidationError as e:
-            raise RequestValidationError(e.errors()) from e
+            raise _invalid(e) from e
 
     async def _read_job_request(self, request: Request) -> tuple[JobRequest, SpooledUpload | None]:
         if media_type(request) == "multipart/form-data":
@@ -301,7 +308,7 @@ class Ingress:
             try:
                 return await read_form(request, JobRequest, self._settings.media.max_file_bytes, spool)
             except ValidationError as e:
-                raise RequestValidationError(e.errors()) from e
+                raise _invalid(e) from e
         if media_type(request) == "application/json":
             return await self._read_json(request, JobRequest), None
         raise UnsupportedMediaType("send application/json, or multipart/form-data with the media as `file`")
@@ -314,9 +321,7 @@ class Ingress:
         The admission is counted before the first await, so a burst of requests
         cannot all slip past the limit; `_execute` gives it back when done.
         """
-        jobs = self._settings.jobs
-        if self._admitted >= jobs.max_active + jobs.max_waiting:
-            raise Overloaded(f"{self._admitted} analyses are running or waiting; retry later")
+        self._check_capacity()
         self._admitted += 1
         created = False
         try:
@@ -326,6 +331,11 @@ class Ingress:
                 self._admitted -= 1
         self._report_occupancy()
         return job, created
+
+    def _check_capacity(self) -> None:
+        jobs = self._settings.jobs
+        if self._admitted >= jobs.max_active + jobs.max_waiting:
+            raise Overloaded(f"{self._admitted} analyses are running or waiting; retry later")
 
     async def _execute(self, key: str, source: str | SpooledUpload, options: AnalysisOptions) -> AnalysisResult:
         """Run a registered analysis; its job ends completed or failed, and its admission is released."""
@@ -337,7 +347,7 @@ class Ingress:
                     await self._tracker.start.remote(key)
                     progress = TrackerProgress(self._tracker, key, self._settings.jobs.progress_interval_s)
                     result = await self._graph.analyze(source, options, progress, timings={})
-                    await asyncio.to_thread(self._check_result_size, result)
+                    await asyncio.to_thread(check_result_size, result, self._settings.server.max_result_bytes)
                 finally:
                     self._running -= 1
         except asyncio.CancelledError:  # a /transcribe client went away: Serve cancels its request
@@ -358,12 +368,6 @@ class Ingress:
             self._admitted -= 1
             self._report_occupancy()
             _discard(source)
-
-    def _check_result_size(self, result: AnalysisResult) -> None:
-        limit = self._settings.server.max_result_bytes
-        size = len(result.model_dump_json())
-        if size > limit:
-            raise FileTooLarge(f"the result is {size} bytes of JSON; this server keeps at most {limit}")
 
     def _background_done(self, task: asyncio.Task) -> None:
         self._background.discard(task)

@@ -193,7 +193,7 @@ class JobTracker:
     async def _final_sent(self, key: str, delivered: bool) -> None:
         self._channels.pop(key, None)
         if not delivered:
-            log.warning("final callback of job %s was not delivered", key)
+            log.warning("final callback of job %s was not delivered", key.partition("/")[2])  # no owner in logs
             self._callback_failures.inc()
 
     def _callback_sender(self) -> CallbackSender:

@@ -169,6 +169,13 @@ class JobSettings(BaseModel):
         "`webhook-id`, `webhook-timestamp` and `webhook-signature` headers.",
     )
     progress_interval_s: float = Field(0.5, description="Least time between two progress updates of a stage.")
+    stage_attempts: int = Field(
+        3, ge=1, description="Calls of a stage per analysis when its replica dies or the call times out."
+    )
+    stage_retry_backoff_s: float = Field(
+        5.0, ge=0, description="Wait before the second call of a stage (doubling after): a new replica needs it."
+    )
+    stage_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one stage call.")
 
 
 class Settings(BaseSettings):

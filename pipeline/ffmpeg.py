@@ -331,18 +331,22 @@ _NOT_ON_WHITELIST = re.compile(r"\[(\w+) @ [^\]]*\] Format not on whitelist")
 
 def _failure(tool: str, path: Path, done: _Exit, media: MediaSettings) -> AnalyzerError | None:
     """The error for a failed child when the cause is known: the server, a limit, a refused format."""
-    if done.returncode in (126, 127) or "error while loading shared libraries" in done.stderr:
-        # The tool could not start at all: the server is at fault, not the file.
+    # The file's name is in ffmpeg's messages, and an upload's name is the client's choice:
+    # look for causes only in what ffmpeg said besides it.
+    said = done.stderr.replace(_url(path), "").replace(str(path), "").replace(path.name, "")
+    if done.returncode in (126, 127):
+        # The tool could not start at all (the dynamic loader's codes): the server is at fault, not the file.
+        log.error("%s could not start: %s", tool, done.last_line(path))
         return AnalyzerError(
-            f"{tool} could not start: {done.last_line()} (is it installed, and is ffmpeg_memory_bytes, "
+            f"{tool} could not start (is it installed, and is ffmpeg_memory_bytes, "
             f"{media.ffmpeg_memory_bytes}, enough to load it?)"
         )
     if done.returncode == -signal.SIGXCPU:
         return DecodeLimitExceeded(f"{path.name} needs more than {media.ffmpeg_cpu_s} s of CPU time to decode")
-    if done.returncode == -signal.SIGKILL or "Cannot allocate memory" in done.stderr:
+    if done.returncode == -signal.SIGKILL or "Cannot allocate memory" in said:
         # SIGKILL that is not ours: the hard CPU limit or the kernel's OOM killer.
         return DecodeLimitExceeded(f"{path.name} needs more memory or CPU time to decode than this server allows")
-    refused = _NOT_ON_WHITELIST.search(done.stderr)
+    refused = _NOT_ON_WHITELIST.search(said)
     if refused:
         return NotMediaFile(f"{path.name} is a {refused.group(1)} file, which this server does not read")
     return None

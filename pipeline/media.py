@@ -48,8 +48,11 @@ class Audio:
 
 def upload_name(filename: str) -> str:
     """The client's file name, safe to use as one: no directories, not too long, never empty."""
-    name = Path(filename.replace("\\", "/")).name.strip().lstrip(".")
-    return name[-100:] or "upload"
+    name = "".join(c for c in Path(filename.replace("\\", "/")).name if c.isprintable()).strip().lstrip(".")
+    # File systems count bytes (255 at most), not characters: keep the end, where the extension is.
+    while len(name.encode()) > 120:
+        name = name[1:]
+    return name or "upload"
 
 
 def redact(source: str) -> str:
@@ -144,26 +147,29 @@ class MediaLoader:
         return target
 
     def _download_s3(self, uri: str, workdir: Path) -> Path:
+        """An object through the configured endpoint and credentials.
+
+        Missing, forbidden and failing objects read alike (`download_failed`), as
+        for http(s): the answer must not map what the server's credentials reach.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
         parts = urlsplit(uri)
         bucket, key = parts.netloc, parts.path.lstrip("/")
         if not bucket or not key:
-            raise InputError(f"malformed S3 URI {uri!r}: expected s3://bucket/key")
-        target = workdir / (Path(key).name or "object")
+            raise InputError(f"malformed S3 URI {redact(uri)}: expected s3://bucket/key")
+        suffix = Path(key).suffix
+        target = workdir / ("object" + (suffix if suffix[1:].isalnum() and len(suffix) <= 8 else ""))
         client = self._s3_client()
         try:
             size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
             if size > self._media.max_file_bytes:
-                raise FileTooLarge(f"{uri} is {size} bytes; the limit is {self._media.max_file_bytes}")
+                raise FileTooLarge(f"{redact(uri)} is larger than the limit of {self._media.max_file_bytes} bytes")
             client.download_file(bucket, key, str(target))
-        except ClientError as e:
-            status = e.response.get("Error", {}).get("Code", "")
-            if status in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
-                raise SourceNotFound(f"{uri} does not exist") from e
-            raise DownloadFailed(f"could not read {uri}: S3 error {status}") from e
-        except BotoCoreError as e:
-            raise DownloadFailed(f"could not read {uri}: {type(e).__name__}") from e
+        except (ClientError, BotoCoreError) as e:
+            code = e.response.get("Error", {}).get("Code", "") if isinstance(e, ClientError) else type(e).__name__
+            log.info("could not read %s: %s", redact(uri), code)
+            raise DownloadFailed(f"could not download {redact(uri)}") from None
         return target
 
     def _s3_client(self) -> S3Client:

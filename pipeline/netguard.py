@@ -562,12 +562,28 @@ async def _post_first(
             client, "POST", url, address, timeout=httpx.Timeout(timeout), headers=headers, content=content
         )
         try:
-            return await client.send(request, follow_redirects=False)
+            return await _send_discarding_body(client, request, timeout)
         except httpx.ConnectError:
             # Nothing was sent yet, so trying the next address cannot deliver twice.
             if index == len(addresses) - 1:
                 raise
     raise AssertionError("unreachable: _addresses never returns an empty tuple")
+
+
+async def _send_discarding_body(client: httpx.AsyncClient, request: httpx.Request, timeout: float) -> httpx.Response:
+    """The receiver's status and headers, within one deadline; its body is never read.
+
+    A callback receiver is a stranger: an endless or compressed-bomb answer must not
+    fill the memory of the process that sends every job's callbacks.
+    """
+    request.headers["accept-encoding"] = "identity"
+    try:
+        async with asyncio.timeout(timeout):
+            response = await client.send(request, follow_redirects=False, stream=True)
+            await response.aclose()
+    except TimeoutError:  # a receiver dripping its headers: retried like any other timeout
+        raise httpx.ReadTimeout(f"no answer within {timeout:g} s", request=request) from None
+    return response
 
 
 def quiet_http_client_logs() -> None:

@@ -151,7 +151,13 @@ def test_spooled_upload(reference, tmp_path):
     with pytest.raises(NotMediaFile, match="x.wav") as refused:
         loader().load_upload(spooled, "C:\\media\\x.wav")
     assert "ecg-upload" not in str(refused.value)
-    assert upload_name("") == upload_name("..") == "upload" and len(upload_name("a" * 999)) == 100
+    assert upload_name("") == upload_name("..") == "upload" and upload_name("a" * 999) == "a" * 120
+    assert upload_name("\U0001f3a4" * 100 + ".wav").endswith(".wav") and len(upload_name("\U0001f3a4" * 100)) == 30
+    # Names the client chooses: never a server error, never the spool path in the message.
+    for hostile in ("a\x00b.wav", "error while loading shared libraries.wav", "Cannot allocate memory.mp3"):
+        with pytest.raises(NotMediaFile) as refused:
+            loader().load_upload(spooled, hostile)
+        assert type(refused.value) is NotMediaFile and "ecg-upload" not in str(refused.value)
 
 
 def test_local_paths_only_under_the_roots(tmp_path):
@@ -280,10 +286,13 @@ def test_s3_download(s3_settings, reference):
 
 def test_s3_errors(s3_settings):
     media = MediaLoader(MediaSettings(), s3_settings)
-    with pytest.raises(SourceNotFound):
+    # A missing object and a missing bucket read alike: no map of what the credentials reach.
+    with pytest.raises(DownloadFailed, match=r"^could not download s3://media/calls/missing\.flac$"):
         media.load("s3://media/calls/missing.flac")
-    with pytest.raises(SourceNotFound):
+    with pytest.raises(DownloadFailed, match=r"^could not download s3://no-such-bucket/a\.flac$"):
         media.load("s3://no-such-bucket/a.flac")
+    with pytest.raises(DownloadFailed):  # a key that names no file in the working directory
+        media.load("s3://media/calls/..")
     with pytest.raises(InputError, match="malformed"):
         media.load("s3://media")
     with pytest.raises(FileTooLarge):

@@ -486,6 +486,33 @@ def test_post_pins_the_address_and_keeps_the_host_header(monkeypatch: pytest.Mon
         assert len(receiver.seen) == 2
 
 
+def _endless(h: http.server.BaseHTTPRequestHandler) -> None:
+    """A 200 whose body never ends: a receiver trying to exhaust the sender's memory."""
+    h.send_response(200)
+    h.send_header("Transfer-Encoding", "chunked")
+    h.end_headers()
+    try:
+        for _ in range(100_000):
+            h.wfile.write(b"ffff\r\n" + b"x" * 0xFFFF + b"\r\n")
+    except OSError:  # the sender hung up, as it should
+        pass
+
+
+def _silent(h: http.server.BaseHTTPRequestHandler) -> None:
+    time.sleep(6)  # not even a status line
+
+
+def test_post_never_reads_the_answer_and_has_one_deadline() -> None:
+    with serve({"/endless": _endless, "/silent": _silent}) as receiver:
+        t0 = time.monotonic()
+        assert asyncio.run(_post(f"{base(receiver)}/endless", LOOPBACK)).status_code == 200
+        assert time.monotonic() - t0 < 2  # status and headers only
+        t0 = time.monotonic()
+        with pytest.raises(httpx.TimeoutException):  # retried by the caller like any timeout
+            asyncio.run(_post(f"{base(receiver)}/silent", LOOPBACK))
+        assert time.monotonic() - t0 < 5  # the 3 s deadline, not the server's 6 s
+
+
 def test_post_to_a_refused_address() -> None:
     with serve({"/hook": _hook}) as receiver:
         with pytest.raises(AddressRefused) as info:

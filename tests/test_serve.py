@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +27,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipeline.schemas import AnalysisResult
 from tests.conftest import CALLBACK_SECRET, S3_SECRET, ffmpeg, fixture_path, truth, words_of
-from tests.serving import API_KEY, ROOT, CallbackReceiver
+from tests.serving import API_KEY, OTHER_KEY, ROOT, CallbackReceiver
 
 SECRET = CALLBACK_SECRET
 JOBS = "/api/upload-video/process-video"
@@ -294,7 +296,8 @@ def test_openapi_documents_every_route(client):
 def test_secrets_never_reach_the_log(server, async_dialogue):
     log = server.log_path.read_text(errors="replace")
     assert "Importing application" in log  # the log is the server's own
-    for secret in (SECRET, SECRET.removeprefix("whsec_"), S3_SECRET):
+    # API keys, and the query string of a URL test_security.py downloaded (presigned credentials).
+    for secret in (SECRET, SECRET.removeprefix("whsec_"), S3_SECRET, API_KEY, OTHER_KEY, "s3cr3t"):
         assert secret not in log
 
 
@@ -313,6 +316,46 @@ def test_custom_metrics_reach_prometheus(server, async_dialogue):
         time.sleep(3)
     assert not missing, f"not exported: {missing}"
     assert "ray_ecg_stage_latency_seconds_count{" in text and 'stage="transcription"' in text
+
+
+def replica_pids(deployment: str) -> list[int]:
+    """The processes of a deployment's replicas (Ray names them `ray::ServeReplica:<app>:<deployment>`)."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"ServeReplica:ecg-audio-analyzer:{deployment}"], capture_output=True, text=True
+    )
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def four_minute_conversation(media_root) -> Path:
+    """The four-voice conversation three times over: long enough to kill a replica in mid-call."""
+    path = media_root / "conversation_x3.mp3"  # mp3: under the test server's 4 MiB file limit
+    source = str(fixture_path("conversation_4spk.flac"))
+    concat = ["-filter_complex", "concat=n=3:v=0:a=1", "-c:a", "libmp3lame", "-b:a", "64k"]
+    ffmpeg("-i", source, "-i", source, "-i", source, *concat, str(path))
+    return path
+
+
+def test_a_job_outlives_its_transcription_replica(server, client, receiver, four_minute_conversation):
+    """kill -9 of the Transcription replica mid-call: the call is made again on the replica Serve
+    starts in its place, and the job completes with one final callback."""
+    (victim,) = replica_pids("Transcription")
+    body = {"audio_path": str(four_minute_conversation), "callback_url": receiver.url("/killed")}
+    job_id = client.post(JOBS, json=body).json()["job_id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/jobs/{job_id}").json()["progress"] < 5:  # media decoded: transcription called
+        assert time.monotonic() < deadline, client.get(f"/jobs/{job_id}").json()
+        time.sleep(0.1)
+    time.sleep(2)  # well inside the call: 225 s of speech take the replica much longer
+    os.kill(victim, signal.SIGKILL)
+    calls = receiver.wait_final("/killed", timeout_s=600)
+    final = calls[-1].body
+    assert final["status"] == "completed", final
+    assert sum(c.final for c in calls) == 1
+    said = words_of(" ".join([" ".join(t["text"] for t in truth("conversation_4spk")["turns"])] * 3))
+    assert jiwer.wer(said, words_of(final["result"]["text"])) <= 0.15
+    assert replica_pids("Transcription") not in ([], [victim])  # a new replica did the work
+    assert "transcription call failed (replica lost" in server.log_path.read_text(errors="replace")
 
 
 def test_finished_jobs_survive_a_restart(server, client, async_dialogue):
