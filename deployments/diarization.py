@@ -37,5 +37,9 @@ class SpeakerDiarization:
         with self._lock:
             return self._diarizer.diarize(audio.samples, num, lo, hi, progress)
 
+    def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes it replace the replica."""
+        self._diarizer.check()
+
     def describe(self) -> StageInfo:
         return StageInfo(model=self._diarizer.model_name, device=self._diarizer.device)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 from ray import serve
 
 from deployments.api import StageInfo
 from pipeline.config import Settings
+from pipeline.errors import ModelError
 from pipeline.media import Audio, MediaLoader
 
 
@@ -25,6 +27,11 @@ class Extraction:
     async def load_upload(self, path: str, filename: str) -> Audio:
         """An upload the ingress spooled to `path` (its own file, so outside the local roots)."""
         return await asyncio.to_thread(self._loader.load_upload, Path(path), filename)
+
+    def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes it replace the replica."""
+        if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+            raise ModelError("ffmpeg or ffprobe is no longer on PATH")
 
     def describe(self) -> StageInfo:
         return StageInfo(model="ffmpeg", device="cpu")

@@ -48,5 +48,9 @@ class Transcription:
     async def _batched(self, requests: list[TranscriptionRequest]) -> list[Transcript | AnalyzerError]:
         return await asyncio.to_thread(self._transcriber.transcribe_batch, requests)
 
+    def check_health(self) -> None:
+        """Serve calls this every few seconds; raising makes it replace the replica."""
+        self._transcriber.check()
+
     def describe(self) -> StageInfo:
         return StageInfo(model=self._transcriber.model_name, device=self._transcriber.device)

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.config import AsrSettings, resolve_device
+from pipeline.config import AsrSettings, check_device, resolve_device
 from pipeline.embedded import EMBEDDED_PREFIX, whisper_model_dir
 from pipeline.errors import AnalyzerError, ModelError, UnsupportedLanguage
 from pipeline.media import SAMPLE_RATE
@@ -156,6 +156,14 @@ class WhisperXTranscriber:
         self._pyannote_vad: Any = None
         self._aligners: dict[str, tuple[Any, dict, str] | None] = {}
         log.info("loaded Whisper %s on %s (%s)", settings.model, self.device, compute_type)
+
+    def check(self) -> None:
+        """ModelError unless the model still answers (its CTranslate2 object, its device); no inference."""
+        try:
+            _ = self._model.model.is_multilingual
+            check_device(self.device)
+        except Exception as e:
+            raise ModelError(f"Whisper model {self.model_name} does not answer: {type(e).__name__}: {e}") from e
 
     @property
     def english_only(self) -> bool:

@@ -227,3 +227,12 @@ def resolve_device(device: Device) -> Literal["cpu", "cuda"]:
     import torch  # heavy: imported only when a model is about to load
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: Literal["cpu", "cuda"]) -> None:
+    """Raise unless `device` still computes: a GPU that fell off the bus or hit an unrecoverable
+    error fails here. Cheap enough for Ray Serve's health check every few seconds."""
+    if device == "cuda":
+        import torch
+
+        torch.ones(1, device="cuda").add_(1).item()

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.config import DiarizationSettings, resolve_device
+from pipeline.config import DiarizationSettings, check_device, resolve_device
 from pipeline.errors import InputError, ModelError
 from pipeline.media import SAMPLE_RATE
 from pipeline.progress import ProgressHook, no_progress
@@ -88,6 +88,13 @@ class PyannoteDiarizer:
             self._pipeline = load_pretrained_pipeline(settings)
             self.model_name = settings.pipeline
         self._pipeline.to(torch.device(self.device))
+
+    def check(self) -> None:
+        """ModelError unless the pipeline's device still computes (no inference)."""
+        try:
+            check_device(self.device)
+        except Exception as e:
+            raise ModelError(f"diarization on {self.device} does not answer: {type(e).__name__}: {e}") from e
 
     def diarize(
         self,

@@ -258,3 +258,17 @@ def test_batch_shares_decoding_and_matches_one_by_one(analyzer, dialogue_samples
         assert [w.start for w in batched.words] == pytest.approx([w.start for w in alone.words], abs=0.02)
         duration = len(samples) / 16_000
         assert all(0 <= w.start <= w.end <= duration + 0.05 for w in batched.words)
+
+
+def test_model_health_checks(analyzer):
+    """What the Serve deployments' `check_health` asks: loaded models answer, a lost one does not."""
+    import copy
+
+    from pipeline.errors import ModelError
+
+    analyzer.transcriber.check()
+    analyzer.diarizer.check()
+    lost = copy.copy(analyzer.transcriber)
+    lost._model = None  # what is left when the CTranslate2 model is gone
+    with pytest.raises(ModelError, match="does not answer"):
+        lost.check()
