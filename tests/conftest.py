@@ -130,3 +130,13 @@ def client(server):
 
     with httpx.Client(base_url=server.url, timeout=300, headers={"authorization": f"Bearer {API_KEY}"}) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A callback receiver on the test server's one trusted non-public address."""
+    from tests.serving import CallbackReceiver
+
+    r = CallbackReceiver()
+    yield r
+    r.close()

@@ -22,6 +22,7 @@ SERVE = ROOT / ".venv" / "bin" / "serve"
 # The one non-public address the test server may reach (ECG_NETWORK__ALLOWED_HOSTS): callback receivers
 # and media servers of the tests bind it, while 127.0.0.1 (Ray's dashboard, the server itself) stays refused.
 TRUSTED_HOST = "127.0.0.2"
+JOBS = "/api/upload-video/process-video"
 API_KEY = "test-key-alpha-2f6c1e0b9d"
 OTHER_KEY = "test-key-beta-7a3d5c8e41"
 

@@ -20,9 +20,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 
 from tests.conftest import FIXTURES, UPLOAD_LIMIT, ffmpeg, fixture_path
-from tests.serving import API_KEY, OTHER_KEY, TRUSTED_HOST, CallbackReceiver, Recorder
+from tests.serving import API_KEY, JOBS, OTHER_KEY, TRUSTED_HOST, Recorder
 
-JOBS = "/api/upload-video/process-video"
 ES = fixture_path("sentence_es.flac")
 FAST_S = 15.0  # every refusal must come well within this (a hang would be minutes)
 # What must never appear in an answer: file contents, internal answers, internals of the server.
@@ -55,13 +54,6 @@ def media_server(canary):
     )
     yield server
     server.close()
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = CallbackReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,17 +27,9 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipeline.schemas import AnalysisResult
 from tests.conftest import CALLBACK_SECRET, S3_SECRET, ffmpeg, fixture_path, truth, words_of
-from tests.serving import API_KEY, OTHER_KEY, ROOT, CallbackReceiver
+from tests.serving import API_KEY, JOBS, OTHER_KEY, ROOT
 
 SECRET = CALLBACK_SECRET
-JOBS = "/api/upload-video/process-video"
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = CallbackReceiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture(scope="module")
