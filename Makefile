@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := ffmpeg espeak-ng sox
+SYSTEM_PACKAGES := ffmpeg espeak-ng sox postgresql
 
 .PHONY: setup system-packages serve demo test lint bench
 
@@ -16,6 +16,7 @@ setup: system-packages $(VENV)/.installed
 
 system-packages:
 	@missing=""; for p in ffmpeg ffprobe espeak-ng sox; do command -v $$p >/dev/null || missing=1; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES); \
 	fi

@@ -10,6 +10,7 @@ without keys, the Host and Origin checks of `deployments.auth`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
+from pipeline.analyzer import Upload
 from pipeline.errors import FileTooLarge, InputError, UnsupportedMediaType
 from pipeline.media import upload_name
 from pipeline.schemas import AnalysisResult
@@ -32,12 +34,10 @@ _FORM_OVERHEAD = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class SpooledUpload:
-    """An uploaded file, on disk until its analysis ends (the caller deletes it)."""
+class SpooledUpload(Upload):
+    """An uploaded file, on disk until its job completes."""
 
-    path: Path
-    filename: str
-    size: int
+    size: int = 0
 
 
 def media_type(request: Request) -> str:
@@ -113,6 +113,8 @@ def _copy_to_disk(file: UploadFile, handle: int) -> None:
     file.file.seek(0)
     with open(handle, "wb") as out:
         shutil.copyfileobj(file.file, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())  # the 202 promises the upload survives a crash
 
 
 def check_result_size(result: AnalysisResult, limit: int) -> None:

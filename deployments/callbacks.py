@@ -1,10 +1,11 @@
 """Callback delivery with httpx: signed, retried, ordered per job. No Ray here.
 
 Delivery follows the Standard Webhooks conventions (https://www.standardwebhooks.com):
-2xx is delivered; 429, 5xx, timeouts and connection errors are retried with
-exponential backoff and jitter, honouring `Retry-After`; any other status is a
-permanent failure. With a secret configured, each request is signed
-(`webhook-id` stays the same across retries of one message).
+2xx is delivered; 429, 5xx, timeouts and connection errors are retried on a
+schedule of hours (`jobs.callback_retry_delays_s`, with jitter, honouring
+`Retry-After`); any other status is a permanent failure. With a secret
+configured, each request is signed. Final callbacks wait in the store's outbox
+(see the tracker), so their retries survive restarts and keep one `webhook-id`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from dataclasses import dataclass
 
 import httpx
 
@@ -35,6 +37,13 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+@dataclass(frozen=True)
+class Attempt:
+    delivered: bool
+    retry: bool  # a failure that may succeed later (timeouts, 429, 5xx)
+    retry_after: float | None = None  # the receiver's Retry-After, in seconds
+
+
 class CallbackSender:
     """POSTs payloads to callback URLs through `pipeline.netguard` (public addresses only, no redirects)."""
 
@@ -51,35 +60,30 @@ class CallbackSender:
         )
         quiet_http_client_logs()
 
-    async def deliver(self, url: str, payload: CallbackPayload, message_id: str, attempts: int) -> bool:
-        """True once the receiver answered 2xx; False after `attempts` tries or a permanent refusal."""
+    async def send(self, url: str, payload: CallbackPayload, message_id: str) -> Attempt:
+        """One delivery attempt."""
         body = payload.model_dump_json().encode()
-        for attempt in range(1, attempts + 1):
-            delay = self._backoff(attempt)
-            try:
-                response = await post(
-                    self._client,
-                    url,
-                    content=body,
-                    headers=self._headers(message_id, body),
-                    policy=self._policy,
-                    timeout=self._settings.callback_timeout_s,
-                )
-            except AddressRefused:  # checked at submission; its DNS now points somewhere it may not go
-                log.warning("callback %s to %s refused: not a public address", message_id, redact(url))
-                return False
-            except httpx.HTTPError as e:  # timeouts, refused connections, DNS...
-                log.warning("callback %s to %s failed: %s", message_id, redact(url), type(e).__name__)
-            else:
-                if response.is_success:
-                    return True
-                log.warning("callback %s to %s answered %d", message_id, redact(url), response.status_code)
-                if response.status_code != 429 and response.status_code < 500:
-                    return False  # the receiver refuses it; retrying would not help
-                delay = _retry_after(response) or delay
-            if attempt < attempts:
-                await asyncio.sleep(delay)
-        return False
+        try:
+            response = await post(
+                self._client,
+                url,
+                content=body,
+                headers=self._headers(message_id, body),
+                policy=self._policy,
+                timeout=self._settings.callback_timeout_s,
+            )
+        except AddressRefused:  # checked at submission; its DNS now points somewhere it may not go
+            log.warning("callback %s to %s refused: not a public address", message_id, redact(url))
+            return Attempt(delivered=False, retry=False)
+        except httpx.HTTPError as e:  # timeouts, refused connections, DNS...
+            log.warning("callback %s to %s failed: %s", message_id, redact(url), type(e).__name__)
+            return Attempt(delivered=False, retry=True)
+        if response.is_success:
+            return Attempt(delivered=True, retry=False)
+        log.warning("callback %s to %s answered %d", message_id, redact(url), response.status_code)
+        # Any other 4xx: the receiver refuses it, and retrying would not help.
+        retry = response.status_code == 429 or response.status_code >= 500
+        return Attempt(delivered=False, retry=retry, retry_after=_retry_after(response))
 
     def _headers(self, message_id: str, body: bytes) -> dict[str, str]:
         timestamp = int(time.time())
@@ -89,9 +93,14 @@ class CallbackSender:
             headers["webhook-signature"] = sign(secret, message_id, timestamp, body)
         return headers
 
-    def _backoff(self, attempt: int) -> float:
-        base = self._settings.callback_backoff_s * 2 ** (attempt - 1)
-        return min(base, self._settings.callback_backoff_max_s) * random.uniform(0.8, 1.2)
+    def next_delay(self, failed_attempts: int, attempt: Attempt) -> float | None:
+        """Seconds until the next attempt of a final callback after `failed_attempts` failures;
+        None once the schedule (hours long, as Standard Webhooks advises) is spent."""
+        delays = self._settings.callback_retry_delays_s
+        if not attempt.retry or failed_attempts > len(delays):
+            return None
+        delay = delays[failed_attempts - 1] * random.uniform(0.8, 1.2)  # jitter: no thundering herd
+        return max(delay, attempt.retry_after or 0.0)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -104,54 +113,40 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-class CallbackChannel:
-    """One job's callbacks, delivered in order by one task.
+class ProgressChannel:
+    """One job's progress callbacks, best effort: one attempt each, in order, by one task.
 
-    Progress callbacks are best effort: one attempt each, and while one is in
-    flight only the newest waiting update is kept, so a slow receiver sees
-    fewer updates but never an older one after a newer one. The final callback
-    comes last, is retried, and nothing follows it.
+    While one is in flight only the newest waiting update is kept, so a slow
+    receiver sees fewer updates but never an older one after a newer one.
+    `close` drops what waits; the final callback (sent from the outbox) waits
+    for `closed` so that nothing arrives after it.
     """
 
-    def __init__(
-        self,
-        sender: CallbackSender,
-        url: str,
-        job_id: str,
-        final_attempts: int,
-        on_final: Callable[[bool], Awaitable[None]],
-    ) -> None:
-        self._sender, self._url, self._job_id = sender, url, job_id
-        self._final_attempts = final_attempts
-        self._on_final = on_final
-        self._progress: CallbackPayload | None = None
-        self._final: CallbackPayload | None = None
-        self._sequence = 0
+    def __init__(self, sender: CallbackSender, url: str, message_prefix: str) -> None:
+        self._sender, self._url, self._prefix = sender, url, message_prefix
+        self._waiting: CallbackPayload | None = None
+        self._open = True
         self._wake = asyncio.Event()
         self.task = asyncio.create_task(self._run())
 
-    def progress(self, payload: CallbackPayload) -> None:
-        if self._final is None:
-            self._progress = payload
+    def send(self, payload: CallbackPayload) -> None:
+        if self._open:
+            self._waiting = payload
             self._wake.set()
 
-    def finish(self, payload: CallbackPayload) -> None:
-        if self._final is None:
-            self._final = payload
-            self._wake.set()
+    def close(self) -> None:
+        self._open, self._waiting = False, None
+        self._wake.set()
+
+    async def closed(self) -> None:
+        self.close()
+        await asyncio.shield(self.task)
 
     async def _run(self) -> None:
-        while True:
+        while self._open:
             await self._wake.wait()
             self._wake.clear()
-            if self._final is not None:
-                delivered = await self._send(self._final, self._final_attempts)
-                await self._on_final(delivered)
-                return
-            if self._progress is not None:
-                payload, self._progress = self._progress, None
-                await self._send(payload, attempts=1)
-
-    async def _send(self, payload: CallbackPayload, attempts: int) -> bool:
-        self._sequence += 1
-        return await self._sender.deliver(self._url, payload, f"{self._job_id}.{self._sequence}", attempts)
+            if self._waiting is not None:
+                payload, self._waiting = self._waiting, None
+                # A fresh id per message: ids must never repeat, across tracker restarts too.
+                await self._sender.send(self._url, payload, f"{self._prefix}.{uuid.uuid4().hex[:16]}")

@@ -51,6 +51,12 @@ class UnknownJob(InputError):
     code = "unknown_job"
 
 
+class JobStateConflict(InputError):
+    """The job is not in a state that allows what was asked (cancel a finished job, retry a running one)."""
+
+    code = "job_state"
+
+
 # Most specific class first: the first match in the error's MRO wins.
 HTTP_STATUS: dict[type[AnalyzerError], int] = {
     Unauthorized: 401,
@@ -59,6 +65,7 @@ HTTP_STATUS: dict[type[AnalyzerError], int] = {
     SourceNotFound: 404,
     UnknownJob: 404,
     JobExists: 409,
+    JobStateConflict: 409,
     FileTooLarge: 413,
     AudioTooLong: 413,
     NotMediaFile: 415,

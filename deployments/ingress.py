@@ -8,6 +8,9 @@ Errors become HTTP statuses here and only here (see `deployments.errors`).
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable
+from contextlib import suppress
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
@@ -30,15 +33,23 @@ from deployments.api import (
 )
 from deployments.auth import Access
 from deployments.bodies import SpooledUpload, check_result_size, media_type, read_form, read_json
-from deployments.errors import JobExists, Overloaded, Unauthorized, UnknownJob, as_analyzer_error, http_status
+from deployments.errors import (
+    JobExists,
+    JobStateConflict,
+    Overloaded,
+    Unauthorized,
+    UnknownJob,
+    as_analyzer_error,
+    http_status,
+)
 from deployments.graph import Graph
-from deployments.jobs import JobError, JobView, job_key
+from deployments.jobs import Job, JobError, JobSpec, JobView, job_key
 from deployments.metrics import GraphMetrics
 from deployments.progress import TrackerProgress
 from deployments.tracker import job_tracker
-from pipeline.analyzer import STAGE_WEIGHTS, AnalysisOptions
+from pipeline.analyzer import STAGE_WEIGHTS, AnalysisOptions, Source, Upload, run_analysis
 from pipeline.config import Settings
-from pipeline.errors import AnalyzerError, UnsupportedMediaType
+from pipeline.errors import AnalyzerError, InputError, UnsupportedMediaType
 from pipeline.media import choose_source
 from pipeline.netguard import NetworkPolicy, check_url_async
 from pipeline.schemas import AnalysisResult
@@ -46,7 +57,7 @@ from pipeline.sources import check_source
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
-CANCELLED = JobError(code="cancelled", message="the client closed the connection before the analysis finished")
+T = TypeVar("T")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
@@ -55,7 +66,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         401: "No API key, or an unknown one (`Authorization: Bearer <key>`)",
         403: "A local path outside the server's roots, or an anonymous client off loopback",
         404: "Source file or job not found",
-        409: "job_id already used",
+        409: "job_id already used, or a job in a state that does not allow the request",
         413: "Request body, file or result too large, or audio too long",
         415: "Not a media file, or a body that is neither JSON nor multipart",
         422: "No audio stream, empty or invalid audio, or a malformed request body",
@@ -157,10 +168,51 @@ def _openapi() -> dict[str, Any]:
 app.openapi = _openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
 
 
+class LeaseLost(Exception):
+    """This replica stopped running a job that is no longer its own (cancelled, claimed again, given back)."""
+
+
 def _discard(source: object) -> None:
     """Delete an upload's spooled file once nothing will read it again."""
     if isinstance(source, SpooledUpload):
         source.path.unlink(missing_ok=True)
+
+
+def _spec(source: str | SpooledUpload, options: AnalysisOptions) -> JobSpec:
+    request = uuid.uuid4().hex
+    if isinstance(source, SpooledUpload):
+        return JobSpec(
+            source=source.filename,
+            upload=str(source.path),
+            filename=source.filename,
+            options=options,
+            request_id=request,
+        )
+    return JobSpec(source=source, options=options, request_id=request)
+
+
+def _media(spec: JobSpec) -> Source:
+    if spec.upload is not None:
+        return Upload(Path(spec.upload), spec.filename or "upload")
+    return spec.source
+
+
+async def _answer(call: Awaitable[T]) -> T:
+    """A tracker call's answer; an error it raised on purpose (Overloaded, UnknownJob...) as itself."""
+    try:
+        return await call
+    except Exception as e:
+        raise as_analyzer_error(e) from e
+
+
+def _accepted(job: JobView) -> JobAccepted:
+    return JobAccepted(
+        job_id=job.job_id,
+        status=job.status,
+        progress=job.progress,
+        message=job.message,
+        status_url=f"/jobs/{job.job_id}",
+    )
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
@@ -178,12 +230,18 @@ class Ingress:
         self._access = Access.from_settings(settings)
         self._network = NetworkPolicy.from_settings(settings.network)
         self._graph = Graph(extraction, transcription, diarization, acoustics, settings.jobs)
-        self._tracker = job_tracker(settings.jobs, settings.network, STAGE_WEIGHTS)
+        self._tracker = job_tracker(settings, STAGE_WEIGHTS)
+        self._worker = uuid.uuid4().hex  # this replica's name on the leases it holds
         self._slots = asyncio.Semaphore(settings.jobs.max_active)
-        self._admitted = 0  # analyses this replica accepted and has not finished
-        self._running = 0  # of which hold a slot
-        self._background: set[asyncio.Task] = set()
+        self._running = 0  # analyses this replica runs now
+        self._lost: set[str] = set()  # jobs this replica stopped because their lease went elsewhere
+        self._holding: dict[str, tuple[str, asyncio.Task]] = {}  # job key -> (lease token, its analysis)
+        self._wake = asyncio.Event()  # a job was queued here: look for work now, not at the next poll
+        self._claimed: set[asyncio.Task] = set()  # jobs running from the queue (referenced until done)
         self._metrics = GraphMetrics()
+        # Serve builds replicas on their event loop: the worker starts with the replica, so queued
+        # jobs run after a restart even before any request arrives.
+        self._worker_loop = asyncio.get_running_loop().create_task(self._work())
 
     @app.get("/health", response_model=Health)
     async def health(self, request: Request) -> Health:
@@ -194,9 +252,12 @@ class Ingress:
             name: a if isinstance(a, StageInfo) else StageInfo(ready=False, detail=type(a).__name__)
             for name, a in answers.items()
         }
-        counts = await self._tracker.counts.remote()
-        status = "ok" if all(s.ready for s in stages.values()) else "degraded"
-        return Health(status=status, deployments=stages, jobs=counts)
+        try:
+            counts = await asyncio.wait_for(self._tracker.counts.remote(), 5.0)
+        except Exception:  # the tracker is restarting: jobs wait meanwhile
+            counts = None
+        ready = counts is not None and all(s.ready for s in stages.values())
+        return Health(status="ok" if ready else "degraded", deployments=stages, jobs=counts or {})
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
@@ -216,11 +277,18 @@ class Ingress:
         options = _options(body)
         source = self._source(body)
         job_id = body.job_id or uuid.uuid4().hex
-        _, created = await self._register(owner, job_id, source, None)
-        if not created:
-            raise JobExists(f"job {job_id} exists already; GET /jobs/{job_id}")
-        response.headers["x-job-id"] = job_id
-        return await self._execute(job_key(owner, job_id), source, options)
+        await self._check_capacity()
+        async with self._slots:  # runs here, on this replica, as soon as it has room
+            spec, token = _spec(source, options), self._token()
+            _, created = await _answer(self._tracker.submit.remote(owner, job_id, spec, source, None, worker=token))
+            if not created:
+                raise JobExists(f"job {job_id} exists already; GET /jobs/{job_id}")
+            response.headers["x-job-id"] = job_id
+            key = job_key(owner, job_id)
+            try:
+                return await self._run(key, spec, token)
+            except LeaseLost:
+                raise JobStateConflict(f"job {job_id} was cancelled") from None
 
     @app.post(
         "/api/upload-video/process-video",
@@ -244,7 +312,7 @@ class Ingress:
         and the other fields as form fields.
         """
         owner = self._caller(request)
-        self._check_capacity()  # before an upload is read and spooled, not after
+        await self._check_capacity()  # before an upload is read and spooled, not after
         body, upload = await self._read_job_request(request)
         try:
             options = _options(body)
@@ -253,20 +321,21 @@ class Ingress:
                 await check_url_async(body.callback_url, self._network)
             job_id = body.job_id or uuid.uuid4().hex
             label = source.filename if isinstance(source, SpooledUpload) else source
-            job, created = await self._register(owner, job_id, label, body.callback_url)
+            # Stored (upload path included) before the 202: from here on, a crash loses nothing.
+            job, created = await _answer(
+                self._tracker.submit.remote(owner, job_id, _spec(source, options), label, body.callback_url)
+            )
+        except asyncio.CancelledError:
+            raise  # the client went away mid-submit: the job may be stored already (else the sweeper takes it)
         except BaseException:
             _discard(upload)
             raise
         if created:
-            task = asyncio.create_task(self._execute(job_key(owner, job_id), source, options))
-            self._background.add(task)
-            task.add_done_callback(self._background_done)
+            self._wake.set()
         else:
             _discard(upload)
             response.status_code = 200
-        return JobAccepted(
-            job_id=job_id, status=job.status, progress=job.progress, message=job.message, status_url=f"/jobs/{job_id}"
-        )
+        return _accepted(job)
 
     @app.get("/jobs/{job_id}", response_model=JobView, responses={k: ERRORS[k] for k in (401, 404)})
     async def job(self, request: Request, job_id: str) -> JobView:
@@ -279,6 +348,27 @@ class Ingress:
         if job is None:
             raise UnknownJob(f"no job {job_id}")
         return job
+
+    @app.delete("/jobs/{job_id}", response_model=JobView, responses={k: ERRORS[k] for k in (401, 403, 404, 409)})
+    async def cancel_job(self, request: Request, job_id: str) -> JobView:
+        """Cancel a queued or running job: it ends `cancelled` (with a final callback), and its worker
+        stops within a third of `jobs.lease_s`. A finished job gets 409."""
+        owner = self._caller(request)
+        return await _answer(self._tracker.cancel.remote(job_key(owner, job_id)))
+
+    @app.post(
+        "/jobs/{job_id}/retry",
+        status_code=202,
+        response_model=JobAccepted,
+        responses={k: ERRORS[k] for k in (401, 403, 404, 409, 503)},
+    )
+    async def retry_job(self, request: Request, job_id: str) -> JobAccepted:
+        """Run a failed or cancelled job again, from its stored request (an upload is kept for this until
+        `server.upload_retention_s`). Any other state gets 409."""
+        owner = self._caller(request)
+        job = await _answer(self._tracker.retry.remote(job_key(owner, job_id)))
+        self._wake.set()
+        return _accepted(job)
 
     # -- requests -------------------------------------------------------------
 
@@ -315,64 +405,107 @@ class Ingress:
 
     # -- running analyses -----------------------------------------------------
 
-    async def _register(self, owner: str, job_id: str, label: str, callback_url: str | None) -> tuple[JobView, bool]:
-        """Admit an analysis and record its job; (the job, True) when the caller must now `_execute` it.
+    async def _check_capacity(self) -> None:
+        if await self._tracker.queue_full.remote():
+            raise Overloaded("the job queue is full; retry later")
 
-        The admission is counted before the first await, so a burst of requests
-        cannot all slip past the limit; `_execute` gives it back when done.
-        """
-        self._check_capacity()
-        self._admitted += 1
-        created = False
+    async def _work(self) -> None:
+        """Claim queued jobs (or jobs whose worker died) whenever this replica has a free slot."""
+        poll_s = self._settings.jobs.poll_s
+        while True:
+            await self._slots.acquire()
+            try:
+                job = await self._tracker.claim.remote(self._token())
+            except Exception as e:  # the tracker is restarting: its store keeps the queue meanwhile
+                log.warning("could not claim a job (%s); trying again", type(e).__name__)
+                job = None
+            if job is None:
+                self._slots.release()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll_s)
+                self._wake.clear()
+                continue
+            task = asyncio.create_task(self._run_claimed(job))
+            self._claimed.add(task)
+            task.add_done_callback(self._claimed.discard)
+
+    async def _run_claimed(self, job: Job) -> None:
         try:
-            job, created = await self._tracker.submit.remote(owner, job_id, label, callback_url)
+            assert job.spec is not None and job.worker is not None  # the tracker hands out only runnable jobs
+            await self._run(job.key, job.spec, job.worker)
+        except Exception:
+            pass  # _run recorded it as the job's failure
         finally:
-            if not created:
-                self._admitted -= 1
+            self._slots.release()
+            self._wake.set()  # a slot is free: there may be more waiting
+
+    async def _run(self, key: str, spec: JobSpec, token: str) -> AnalysisResult:
+        """Run a job whose lease `token` this replica holds, renewing it meanwhile; record how it ended."""
+        self._running += 1
         self._report_occupancy()
-        return job, created
-
-    def _check_capacity(self) -> None:
-        jobs = self._settings.jobs
-        if self._admitted >= jobs.max_active + jobs.max_waiting:
-            raise Overloaded(f"{self._admitted} analyses are running or waiting; retry later")
-
-    async def _execute(self, key: str, source: str | SpooledUpload, options: AnalysisOptions) -> AnalysisResult:
-        """Run a registered analysis; its job ends completed or failed, and its admission is released."""
+        analysis = asyncio.current_task()
+        assert analysis is not None
+        self._holding[key] = (token, analysis)
+        lease = asyncio.create_task(self._hold_lease(key, token, analysis))
         try:
-            async with self._slots:
-                self._running += 1
-                self._report_occupancy()
-                try:
-                    await self._tracker.start.remote(key)
-                    progress = TrackerProgress(self._tracker, key, self._settings.jobs.progress_interval_s)
-                    result = await self._graph.analyze(source, options, progress, timings={})
-                    await asyncio.to_thread(check_result_size, result, self._settings.server.max_result_bytes)
-                finally:
-                    self._running -= 1
-        except asyncio.CancelledError:  # a /transcribe client went away: Serve cancels its request
-            await asyncio.shield(self._tracker.fail.remote(key, CANCELLED))
+            progress = TrackerProgress(self._tracker, key, token, self._settings.jobs.progress_interval_s)
+            result = await run_analysis(self._graph, _media(spec), spec.options, progress)
+            await asyncio.to_thread(check_result_size, result, self._settings.server.max_result_bytes)
+        except asyncio.CancelledError:
+            if key in self._lost:  # cancelled, claimed again elsewhere, or given back: nothing to record
+                self._lost.discard(key)
+                raise LeaseLost(key) from None
+            # A /transcribe client went away: Serve cancels its request.
+            await asyncio.shield(_answer(self._tracker.cancel.remote(key)))
             raise
         except Exception as e:
             error = as_analyzer_error(e)
             self._metrics.requests_failed.inc(tags={"code": error.code})
-            await self._tracker.fail.remote(key, JobError(code=error.code, message=str(error)))
+            failure = JobError(code=error.code, message=str(error))
+            # A server fault keeps an upload for POST /retry; the input's own fault would only fail again.
+            await self._tracker.fail.remote(key, token, failure, retryable=not isinstance(error, InputError))
             if error is e:
                 raise
             raise error from e
         else:
-            await self._tracker.complete.remote(key, result)
+            await self._tracker.complete.remote(key, token, result)
             self._metrics.analysis_done(result)
             return result
         finally:
-            self._admitted -= 1
+            lease.cancel()
+            self._holding.pop(key, None)
+            self._running -= 1
             self._report_occupancy()
-            _discard(source)
 
-    def _background_done(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled():
-            task.exception()  # mark it retrieved: _execute recorded it as the job's failure
+    async def _hold_lease(self, key: str, token: str, analysis: asyncio.Task) -> None:
+        """Renew the job's lease every third of it; stop the analysis once the job is no longer ours."""
+        every = self._settings.jobs.lease_s / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await self._tracker.renew.remote(key, token)
+            except Exception as e:  # the tracker is restarting; the lease is in its store
+                log.warning("could not renew the lease of a job (%s)", type(e).__name__)
+                continue
+            if not held:
+                log.info("job %s: cancelled or claimed by another replica; stopping it here", key.partition("/")[2])
+                self._lost.add(key)
+                analysis.cancel()
+                return
+
+    async def __del__(self) -> None:
+        """Serve is shutting this replica down (a downscale, a redeploy): give its jobs back to the queue
+        at once, uncounted, rather than leave them to a lease that runs out."""
+        self._worker_loop.cancel()
+        for key, (token, analysis) in list(self._holding.items()):
+            self._lost.add(key)
+            analysis.cancel()
+            with suppress(Exception):
+                await asyncio.wait_for(self._tracker.release.remote(key, token), 10.0)
+
+    def _token(self) -> str:
+        """A lease token: this replica, and one claim of it (a job run twice here holds two tokens)."""
+        return f"{self._worker}.{uuid.uuid4().hex[:8]}"
 
     def _report_occupancy(self) -> None:
-        self._metrics.occupancy(self._running, self._admitted - self._running)
+        self._metrics.occupancy(self._running)

@@ -1,18 +1,16 @@
-"""Job state and where it is kept. No Ray here: the tracker actor owns a store
-and these records; the ingress returns `JobView`s; callbacks carry `CallbackPayload`s.
+"""Job records. No Ray here: the tracker actor keeps `Job`s in a `JobStore`
+(deployments/store.py), ingress replicas claim and run them, clients see
+`JobView`s, and callbacks carry `CallbackPayload`s.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import Protocol
 
 from pydantic import BaseModel, Field
 
+from pipeline.analyzer import AnalysisOptions
 from pipeline.schemas import AnalysisResult
 
 
@@ -21,10 +19,11 @@ class JobStatus(StrEnum):
     processing = "processing"
     completed = "completed"
     failed = "failed"
+    cancelled = "cancelled"
 
     @property
     def final(self) -> bool:
-        return self in (JobStatus.completed, JobStatus.failed)
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
 
 
 class JobError(BaseModel):
@@ -55,18 +54,33 @@ def job_key(owner: str, job_id: str) -> str:
     return f"{owner}/{job_id}"
 
 
+class JobSpec(BaseModel):
+    """What to run: stored at submission, so that any worker can run the job again after a crash."""
+
+    source: str = Field("", description="Path, URL or s3:// URI as given (query strings included).")
+    upload: str | None = Field(None, description="Spooled upload file (in `server.upload_dir`), instead of source.")
+    filename: str | None = Field(None, description="The upload's name as the client sent it.")
+    options: AnalysisOptions = AnalysisOptions()
+    request_id: str = Field("", description="Unique per submission: a repeated call of one request is not a clash.")
+
+
 class Job(JobView):
-    """A job as the tracker keeps it: the public view plus its owner and where to send callbacks."""
+    """A job as the store keeps it: the public view, its owner and callback, what to run, and its lease."""
 
     owner: str = Field("", description="Digest of the API key that created the job; empty when anonymous.")
     callback_url: str | None = None
+    spec: JobSpec | None = Field(None, description="None only for jobs stored by versions before the queue.")
+    run: int = Field(1, description="1, then one more for each POST /jobs/{job_id}/retry.")
+    attempts: int = Field(0, description="Claims of this run: a worker that dies leaves its claim to expire.")
+    worker: str | None = Field(None, description="The ingress replica holding the lease while processing.")
+    lease_until: float | None = Field(None, description="Epoch seconds; past it, any worker may claim the job.")
 
     @property
     def key(self) -> str:
         return job_key(self.owner, self.job_id)
 
     def view(self) -> JobView:
-        return JobView.model_validate(self.model_dump(exclude={"callback_url", "owner"}))
+        return JobView.model_validate(self.model_dump(include=set(JobView.model_fields)))
 
 
 class CallbackPayload(BaseModel):
@@ -91,52 +105,25 @@ class CallbackPayload(BaseModel):
         )
 
 
+class Delivery(BaseModel):
+    """A final callback waiting in the outbox: it survives restarts until the receiver takes it."""
+
+    job_key: str
+    run: int
+    url: str
+    webhook_id: str = Field(description="One id for every attempt, so that receivers can deduplicate.")
+    attempts: int = 0
+    next_at: float = Field(description="Epoch seconds of the next attempt.")
+    payload: CallbackPayload | None = Field(
+        None,
+        description="What to send, kept when small (failed, cancelled: the job may be retried meanwhile); "
+        "None for a completed job, whose result is read from the job instead of being stored twice.",
+    )
+
+    @property
+    def id(self) -> str:
+        return f"{self.job_key}#{self.run}"
+
+
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-class JobStore(Protocol):
-    def save(self, job: Job) -> None: ...
-
-    def get(self, key: str) -> Job | None: ...
-
-    def unfinished(self) -> list[Job]: ...
-
-
-class SqliteJobStore:
-    """Jobs as JSON rows in one SQLite file. Writes are rare (state changes, not
-    every progress tick), so one connection behind a lock is plenty."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The tracker calls from a worker thread; the lock serialises access.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # Keyed by job_key(owner, job_id). (The older `jobs` table, keyed by bare id, is left alone.)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS owned_jobs (key TEXT PRIMARY KEY, status TEXT NOT NULL, data TEXT NOT NULL)"
-        )
-        self._lock = threading.Lock()
-
-    def save(self, job: Job) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO owned_jobs (key, status, data) VALUES (?, ?, ?)",
-                (job.key, job.status.value, job.model_dump_json()),
-            )
-
-    def get(self, key: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT data FROM owned_jobs WHERE key = ?", (key,)).fetchone()
-        return Job.model_validate_json(row[0]) if row else None
-
-    def unfinished(self) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT data FROM owned_jobs WHERE status IN (?, ?)", (JobStatus.queued, JobStatus.processing)
-            ).fetchall()
-        return [Job.model_validate_json(r[0]) for r in rows]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()

@@ -28,9 +28,8 @@ class GraphMetrics:
             description="Processing time divided by audio duration, per analysis.",
             boundaries=_RTF,
         )
-        self.jobs_running = metrics.Gauge("ecg_jobs_running", description="Analyses running through the graph.")
-        self.jobs_waiting = metrics.Gauge(
-            "ecg_jobs_waiting", description="Analyses admitted by this ingress replica and waiting for a slot."
+        self.jobs_running = metrics.Gauge(
+            "ecg_jobs_running", description="Analyses this ingress replica runs through the graph."
         )
         self.requests_failed = metrics.Counter(
             "ecg_analyses_failed_total", description="Analyses that failed, by error code.", tag_keys=("code",)
@@ -43,6 +42,5 @@ class GraphMetrics:
         if result.duration > 0:
             self.real_time_factor.observe(result.metadata.processing_time / result.duration)
 
-    def occupancy(self, running: int, waiting: int) -> None:
+    def occupancy(self, running: int) -> None:
         self.jobs_running.set(running)
-        self.jobs_waiting.set(waiting)

@@ -16,9 +16,10 @@ class TrackerProgress:
     thinned to one per `interval_s`; a stage's first and last always go.
     """
 
-    def __init__(self, tracker: Any, key: str, interval_s: float) -> None:
+    def __init__(self, tracker: Any, key: str, worker: str, interval_s: float) -> None:
         self._tracker = tracker
         self._key = key
+        self._worker = worker  # the lease token: a worker that lost the job is not listened to
         self._interval_s = interval_s
         self._last_sent: dict[str, float] = {}
 
@@ -27,4 +28,4 @@ class TrackerProgress:
         if 0.0 < fraction < 1.0 and now - self._last_sent.get(stage, -math.inf) < self._interval_s:
             return
         self._last_sent[stage] = now
-        self._tracker.progress.remote(self._key, stage, fraction, message)
+        self._tracker.progress.remote(self._key, self._worker, stage, fraction, message)

@@ -1,12 +1,21 @@
-"""The whole analysis in one process: what the CLI runs, and the reference the
-Ray Serve graph (which runs the same stages in separate deployments) must match.
+"""One description of an analysis, and its in-process runner.
+
+`run_analysis(stages, ...)` is the analysis: media first; then transcription,
+diarization and the acoustic tracks, which need only the audio; then assembly.
+It times each stage and reports progress. Where the stages run is the `Stages`
+given to it: `Analyzer` below runs them in this process (the CLI, benchmarks,
+tests), `deployments.graph.Graph` calls them over Ray Serve handles.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -16,8 +25,10 @@ from pipeline.assembly import assemble
 from pipeline.config import Settings
 from pipeline.diarization import Diarization, Diarizer, PyannoteDiarizer, check_speaker_counts
 from pipeline.media import Audio, MediaLoader
-from pipeline.progress import StagedProgress
+from pipeline.progress import ProgressHook, StagedProgress
 from pipeline.schemas import AnalysisResult, Metadata
+
+T = TypeVar("T")
 
 # Rough share of wall time per stage on CPU, so overall progress moves evenly.
 STAGE_WEIGHTS = {"media": 5, "transcription": 55, "diarization": 30, "acoustics": 5, "assembly": 5}
@@ -38,8 +49,72 @@ class AnalysisOptions(BaseModel):
         return self
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A file the server wrote itself (an upload): read as is, not subject to the local roots."""
+
+    path: Path
+    filename: str
+
+
+Source = str | Upload
+
+
+class Stages(Protocol):
+    """Where the stages of `run_analysis` run.
+
+    `load` answers the decoded audio and a reference to it, which is what the
+    other stages take (the audio itself in one process; an object-store
+    reference in the Serve graph, so that no replica copies it through the
+    ingress). `concurrent` says whether the three middle stages may run at once.
+    """
+
+    concurrent: bool
+
+    async def load(self, source: Source) -> tuple[Audio, Any]: ...
+
+    async def transcribe(self, audio: Any, language: str, progress: ProgressHook) -> Transcript: ...
+
+    async def diarize(self, audio: Any, options: AnalysisOptions, progress: ProgressHook) -> Diarization: ...
+
+    async def tracks(self, audio: Any, progress: ProgressHook) -> FrameTracks: ...
+
+
+async def run_analysis(
+    stages: Stages, source: Source, options: AnalysisOptions, progress: ProgressHook
+) -> AnalysisResult:
+    """The analysis of one file."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    progress("media", 0.0, "reading media")
+    audio, ref = await _timed(timings, "media", stages.load(source))
+    progress("media", 1.0, f"decoded {audio.duration:.1f} s of audio")
+
+    middle: dict[str, Callable[[], Awaitable[Any]]] = {
+        "transcription": lambda: stages.transcribe(ref, options.language, progress),
+        "diarization": lambda: stages.diarize(ref, options, progress),
+        "acoustics": lambda: stages.tracks(ref, progress),
+    }
+    if stages.concurrent:
+        transcript, diarization, tracks = await _all_or_none(
+            [_timed(timings, name, call()) for name, call in middle.items()]
+        )
+    else:
+        transcript, diarization, tracks = [await _timed(timings, name, call()) for name, call in middle.items()]
+
+    result = await asyncio.to_thread(build_result, transcript, diarization, tracks, audio.duration, timings, started)
+    progress("assembly", 1.0, "analysis complete")
+    return result
+
+
 class Analyzer:
-    """Owns one model of each kind, loaded once; analyses one file per call."""
+    """The stages in this process: owns one model of each kind, loaded once; analyses one file per call.
+
+    The middle stages run one after the other: each already uses every core
+    (CTranslate2 and torch threads), so running them at once only adds contention.
+    """
+
+    concurrent = False
 
     def __init__(
         self,
@@ -54,37 +129,28 @@ class Analyzer:
         warm_up(settings.acoustics)
 
     def analyze(
-        self, source: str, options: AnalysisOptions, on_progress: Callable[[float, str], None] | None = None
+        self, source: Source, options: AnalysisOptions, on_progress: Callable[[float, str], None] | None = None
     ) -> AnalysisResult:
+        """`run_analysis` on these stages, from synchronous code."""
         progress = StagedProgress(STAGE_WEIGHTS, on_progress or (lambda p, m: None))
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        with _timed(timings, "media"):
-            progress("media", 0.0, "reading media")
-            audio = self.media.load(source)
-            progress("media", 1.0, f"decoded {audio.duration:.1f} s of audio")
-        return self.analyze_audio(audio, options, progress, timings, started)
+        return asyncio.run(run_analysis(self, source, options, progress))
 
-    def analyze_audio(
-        self,
-        audio: Audio,
-        options: AnalysisOptions,
-        progress: StagedProgress,
-        timings: dict[str, float],
-        started: float,
-    ) -> AnalysisResult:
-        samples = audio.samples
-        with _timed(timings, "transcription"):
-            transcript = self.transcriber.transcribe(samples, options.language, progress)
-        with _timed(timings, "diarization"):
-            diarization = self.diarizer.diarize(
-                samples, options.num_speakers, options.min_speakers, options.max_speakers, progress
-            )
-        with _timed(timings, "acoustics"):
-            tracks = frame_tracks(samples, self.settings.acoustics, progress)
-        result = build_result(transcript, diarization, tracks, audio.duration, timings, started)
-        progress("assembly", 1.0, "analysis complete")
-        return result
+    async def load(self, source: Source) -> tuple[Audio, Any]:
+        if isinstance(source, Upload):
+            audio = await asyncio.to_thread(self.media.load_upload, source.path, source.filename)
+        else:
+            audio = await asyncio.to_thread(self.media.load, source)
+        return audio, audio.samples
+
+    async def transcribe(self, audio: Any, language: str, progress: ProgressHook) -> Transcript:
+        return await asyncio.to_thread(self.transcriber.transcribe, audio, language, progress)
+
+    async def diarize(self, audio: Any, options: AnalysisOptions, progress: ProgressHook) -> Diarization:
+        counts = (options.num_speakers, options.min_speakers, options.max_speakers)
+        return await asyncio.to_thread(self.diarizer.diarize, audio, *counts, progress)
+
+    async def tracks(self, audio: Any, progress: ProgressHook) -> FrameTracks:
+        return await asyncio.to_thread(frame_tracks, audio, self.settings.acoustics, progress)
 
 
 def build_result(
@@ -95,8 +161,8 @@ def build_result(
     timings: dict[str, float],
     started: float,
 ) -> AnalysisResult:
-    """The last stage, shared by the in-process Analyzer and the Serve graph's ingress."""
-    with _timed(timings, "assembly"):
+    """The last stage: words, speakers and acoustics put together."""
+    with _timer(timings, "assembly"):
         metadata = Metadata(
             processing_time=0.0,
             model_versions={
@@ -113,8 +179,24 @@ def build_result(
     return result
 
 
+async def _timed(timings: dict[str, float], stage: str, call: Awaitable[T]) -> T:
+    with _timer(timings, stage):
+        return await call
+
+
+async def _all_or_none(calls: list[Awaitable[Any]]) -> list[Any]:
+    """Every call's result; when one fails, the others are cancelled rather than left running for nothing."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+def _timer(timings: dict[str, float], stage: str) -> Iterator[None]:
     t0 = time.perf_counter()
     try:
         yield

@@ -66,8 +66,13 @@ class ServerSettings(BaseModel):
     max_result_bytes: int = Field(
         256 * 1024**2, gt=0, description="Largest analysis result stored for a job (JSON bytes)."
     )
-    upload_dir: Path | None = Field(
-        None, description="Where uploads are spooled while they wait and run; None = the system temp dir."
+    upload_dir: Path = Field(
+        Path.home() / ".local" / "state" / "ecg-audio-analyzer" / "uploads",
+        description="Where uploads are kept until their job completes (a failed job's, until it is retried "
+        "or `upload_retention_s` passes). Durable across restarts; on a cluster, storage every node mounts.",
+    )
+    upload_retention_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Uploads of failed or cancelled jobs are deleted after this long."
     )
 
 
@@ -151,18 +156,35 @@ class AcousticSettings(BaseModel):
 
 
 class JobSettings(BaseModel):
-    """Asynchronous jobs and their callbacks (used by the Serve graph, not the CLI)."""
+    """Asynchronous jobs, their queue and their callbacks (used by the Serve graph, not the CLI)."""
 
     db_path: Path = Field(
         Path.home() / ".local" / "state" / "ecg-audio-analyzer" / "jobs.sqlite3",
-        description="SQLite file holding job state, so finished jobs survive a restart.",
+        description="SQLite file holding the job queue and every job's state (single machine).",
     )
-    max_active: int = Field(4, ge=1, description="Jobs run through the graph at once; the rest wait in line.")
-    max_waiting: int = Field(100, ge=0, description="Jobs allowed to wait; past this new requests get 503.")
+    store_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL (`postgresql://user:password@host/db`) of the job store, for a cluster "
+        "whose nodes share it; None = the SQLite file `db_path`.",
+    )
+    max_active: int = Field(4, ge=1, description="Jobs each ingress replica runs through the graph at once.")
+    max_waiting: int = Field(100, ge=0, description="Jobs allowed to wait in the queue; past this new ones get 503.")
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="A worker's claim on a running job, renewed every third of it: when its worker dies, the "
+        "job is claimed again by another replica after at most this long.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Claims of one job (its workers died, or the server restarted) before it fails."
+    )
+    poll_s: float = Field(1.0, gt=0, description="How often an idle ingress replica looks for queued jobs.")
     callback_timeout_s: float = Field(10.0, description="Timeout of one callback delivery attempt.")
-    callback_attempts: int = Field(8, ge=1, description="Delivery attempts of the final callback.")
-    callback_backoff_s: float = Field(1.0, description="First retry delay; doubles each attempt (with jitter).")
-    callback_backoff_max_s: float = Field(60.0, description="Longest delay between two attempts.")
+    callback_retry_delays_s: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0],
+        description="Waits before each retry of a final callback that failed (+/-20 % jitter; a longer "
+        "Retry-After wins): Standard Webhooks' schedule, about 28 hours in all. Pending retries survive restarts.",
+    )
     callback_secret: SecretStr | None = Field(
         None,
         description="Standard Webhooks signing secret (`whsec_<base64>`); when set, every callback carries "

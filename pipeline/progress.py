@@ -24,15 +24,16 @@ class StagedProgress:
     """Turns per-stage fractions into a monotonic overall percentage.
 
     `weights` gives each stage's share of the whole; stages may report
-    concurrently (from threads), so updates are serialised.
+    concurrently (from threads), so updates are serialised. `start` is a floor:
+    an analysis run again after a crash reports nothing below where it got to.
     """
 
-    def __init__(self, weights: Mapping[str, float], sink: Callable[[float, str], None]) -> None:
+    def __init__(self, weights: Mapping[str, float], sink: Callable[[float, str], None], start: float = 0.0) -> None:
         total = sum(weights.values())
         self._weights = {stage: w / total for stage, w in weights.items()}
         self._done: dict[str, float] = dict.fromkeys(weights, 0.0)
         self._sink = sink
-        self._last = 0.0
+        self._last = start
         self._lock = threading.Lock()
 
     def __call__(self, stage: str, fraction: float, message: str) -> None:

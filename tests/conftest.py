@@ -109,7 +109,8 @@ def server(tmp_path_factory, settings, media_root):
         "ECG_SERVER__UPLOAD_DIR": str(workdir / "uploads"),
         "ECG_JOBS__DB_PATH": str(workdir / "jobs.sqlite3"),
         "ECG_JOBS__CALLBACK_SECRET": CALLBACK_SECRET,
-        "ECG_JOBS__CALLBACK_BACKOFF_S": "0.2",
+        "ECG_JOBS__CALLBACK_RETRY_DELAYS_S": "[0.2, 0.4, 0.8, 1.6, 3.2]",
+        "ECG_JOBS__LEASE_S": "6",  # a killed worker's job is claimed again within 6 s
         "ECG_JOBS__MAX_WAITING": "2",  # 4 running + 2 waiting: a burst of 8 must meet a 503
         "ECG_S3__SECRET_ACCESS_KEY": S3_SECRET,
         "ECG_S3__ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens: s3:// fails fast
@@ -130,6 +131,27 @@ def client(server):
 
     with httpx.Client(base_url=server.url, timeout=300, headers={"authorization": f"Bearer {API_KEY}"}) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def conversation_x2(media_root) -> Path:
+    """The 75 s four-voice conversation twice over (150 s, mp3 under the upload limit): stages run
+    long enough to kill a process in mid-call."""
+    path = media_root / "conversation_x2.mp3"
+    source = str(fixture_path("conversation_4spk.flac"))
+    ffmpeg("-i", source, "-i", source, "-filter_complex", "concat=n=2:v=0:a=1", "-b:a", "64k", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback (Debian's package), for the job store."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="ecg-pg-")))  # under /tmp: its `postgres` user reaches it
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,14 +34,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL to every process of the session `leader` started (start_new_session=True), all at once."""
+    subprocess.run(["pkill", "-KILL", "-s", str(leader.pid)], check=False)
+    leader.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-s", str(leader.pid)], capture_output=True).stdout.strip():
+        assert time.monotonic() < deadline, "processes of the killed session are still alive"
+        time.sleep(0.5)
+
+
 class ServeProcess:
     """`serve run` on a copy of serve_config.yaml that listens on a free loopback port."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], adjust: Callable[[dict], None] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
         config["http_options"] = {"host": "127.0.0.1", "port": self.port}
+        if adjust is not None:
+            adjust(config)
         self.config_path = workdir / "serve_config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         # RAY_ADDRESS=local: always a Ray instance of its own, never one already running here.
@@ -85,6 +98,11 @@ class ServeProcess:
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL to `serve run` and every process of its session (Ray's GCS, raylet, workers...): a crash."""
+        assert self._proc is not None
+        kill_session(self._proc)
+
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -102,7 +120,7 @@ class Callback:
 
     @property
     def final(self) -> bool:
-        return self.body["status"] in ("completed", "failed")
+        return self.body["status"] in ("completed", "failed", "cancelled")
 
 
 @dataclass
@@ -114,6 +132,7 @@ class CallbackReceiver:
     scripted: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer first, in order
 
     host: str = TRUSTED_HOST
+    port: int = 0  # 0: any free port
 
     def __post_init__(self) -> None:
         receiver = self
@@ -131,14 +150,14 @@ class CallbackReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def _answer(self, path: str, raw: bytes) -> int:
         with self._lock:
             if self.scripted.get(path):
                 return self.scripted[path].pop(0)
-            final = json.loads(raw).get("status") in ("completed", "failed")
+            final = json.loads(raw).get("status") in ("completed", "failed", "cancelled")
             if final and self.refuse_finals.get(path, 0) > 0:
                 self.refuse_finals[path] -= 1
                 return 500

@@ -28,8 +28,8 @@ def load(path: Path, **media) -> np.ndarray:
     return MediaLoader(MediaSettings(**media), S3Settings()).load_file(path).samples
 
 
-def children() -> list[str]:
-    """Processes (zombies included) whose parent is this test process."""
+def all_children() -> list[str]:
+    """Processes (zombies included) whose parent is this test process, as "pid state"."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -41,8 +41,18 @@ def children() -> list[str]:
     return found
 
 
+OLDER: set[str] = set()  # pids of children from before the test: servers of session fixtures (PostgreSQL)
+
+
+def children() -> list[str]:
+    """This test's children: the process's children, less those that were there before it began."""
+    return [c for c in all_children() if c.split()[0] not in OLDER]
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_children():
+    OLDER.clear()
+    OLDER.update(c.split()[0] for c in all_children())
     yield
     assert children() == []
 

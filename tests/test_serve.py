@@ -27,7 +27,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from pipeline.schemas import AnalysisResult
 from tests.conftest import CALLBACK_SECRET, S3_SECRET, ffmpeg, fixture_path, truth, words_of
-from tests.serving import API_KEY, JOBS, OTHER_KEY, ROOT
+from tests.serving import API_KEY, JOBS, OTHER_KEY, ROOT, TRUSTED_HOST, CallbackReceiver, free_port
 
 SECRET = CALLBACK_SECRET
 
@@ -177,7 +177,9 @@ def test_a_burst_past_capacity_gets_503_and_loses_no_job(client, receiver):
     ]
     accepted = [i for i, r in enumerate(answers) if r.status_code == 202]
     refused = [r for r in answers if r.status_code == 503]
-    assert len(accepted) == 6 and len(refused) == 2, [r.status_code for r in answers]
+    # 4 claimed at once (max_active), 2 waiting in the queue (max_waiting); a claim racing the
+    # next request may make it 3 + 2.
+    assert 5 <= len(accepted) <= 6 and len(accepted) + len(refused) == 8, [r.status_code for r in answers]
     assert all(r.json()["error"] == "overloaded" and r.headers["retry-after"] for r in refused)
     for i in accepted:
         assert receiver.wait_final(f"/burst/{i}")[-1].body["status"] == "completed"
@@ -272,9 +274,37 @@ def test_final_callback_is_retried_until_delivered(client, receiver):
     assert finals[-1].body["status"] == "completed"
 
 
+def test_cancel_then_retry_over_http(client, receiver):
+    body = {"audio_path": str(fixture_path("conversation_4spk.flac")), "callback_url": receiver.url("/cancel")}
+    assert client.post(JOBS, json={**body, "job_id": "cancel-me"}).status_code == 202
+    deadline = time.monotonic() + 120
+    while client.get("/jobs/cancel-me").json()["status"] != "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cancelled = client.delete("/jobs/cancel-me")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert client.delete("/jobs/cancel-me").json()["error"] == "job_state"  # 409: finished already
+    receiver.wait_final("/cancel", timeout_s=60)
+    retried = client.post("/jobs/cancel-me/retry")
+    assert retried.status_code == 202 and retried.json()["status"] == "queued", retried.text
+    assert client.post("/jobs/cancel-me/retry").status_code == 409  # queued or running: nothing to retry
+    assert client.post("/jobs/no-such-job/retry").status_code == 404
+    deadline = time.monotonic() + 300
+    while (job := client.get("/jobs/cancel-me").json())["status"] != "completed":
+        assert time.monotonic() < deadline and job["status"] in ("queued", "processing"), job
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30  # the final callback follows the job's end
+    while len([c for c in receiver.received("/cancel") if c.final]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    finals = [(c.body["status"], c.headers["webhook-id"]) for c in receiver.received("/cancel") if c.final]
+    assert finals == [("cancelled", "cancel-me.run1.final"), ("completed", "cancel-me.run2.final")]
+    assert client.post("/jobs/cancel-me/retry").status_code == 409  # completed
+
+
 def test_openapi_documents_every_route(client):
     spec = client.get("/openapi.json").json()
-    assert {"/health", "/transcribe", JOBS, "/jobs/{job_id}"} <= set(spec["paths"])
+    assert {"/health", "/transcribe", JOBS, "/jobs/{job_id}", "/jobs/{job_id}/retry"} <= set(spec["paths"])
+    assert {"get", "delete"} <= set(spec["paths"]["/jobs/{job_id}"])
     assert {"AnalysisResult", "AnalysisRequest", "JobView", "JobAccepted", "ErrorBody", "Health"} <= set(
         spec["components"]["schemas"]
     )
@@ -350,10 +380,45 @@ def test_a_job_outlives_its_transcription_replica(server, client, receiver, four
     assert "transcription call failed (replica lost" in server.log_path.read_text(errors="replace")
 
 
-def test_finished_jobs_survive_a_restart(server, client, async_dialogue):
+def test_a_killed_server_resumes_its_jobs(server, client, async_dialogue, media_root):
+    """SIGKILL of `serve run` and every Ray process while jobs run (one of them an upload), with the
+    callback receiver down. Started again, the server finishes every job; the receiver, up a minute
+    later, gets each job's final callback once; a job finished before the kill is unchanged."""
     before = client.get("/jobs/async-1").json()
-    assert before["status"] == "completed"
-    server.stop()
+    port = free_port()
+    down = f"http://{TRUSTED_HOST}:{port}"  # nothing listens there yet
+    jobs = {
+        "restart-long": {"audio_path": str(fixture_path("conversation_4spk.flac"))},
+        "restart-es": {"audio_path": str(fixture_path("sentence_es.flac"))},
+        "restart-de": {"audio_path": str(fixture_path("sentence_de.flac"))},
+    }
+    for job_id, body in jobs.items():
+        response = client.post(JOBS, json={**body, "job_id": job_id, "callback_url": f"{down}/{job_id}"})
+        assert response.status_code == 202, response.text
+    with fixture_path("sentence_fr.flac").open("rb") as f:
+        fields = {"job_id": "restart-upload", "callback_url": f"{down}/restart-upload"}
+        assert client.post(JOBS, files={"file": ("fr.flac", f, "audio/flac")}, data=fields).status_code == 202
+    deadline = time.monotonic() + 120
+    while client.get("/jobs/restart-long").json()["progress"] < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    server.kill()
+    # Started again with a retry schedule of minutes, so that the receiver's downtime is seen out.
+    server.env["ECG_JOBS__CALLBACK_RETRY_DELAYS_S"] = "[2, 4, 8, 15, 30, 60, 60]"
     server.start()
-    after = httpx.get(f"{server.url}/jobs/async-1", timeout=30, headers={"authorization": f"Bearer {API_KEY}"}).json()
-    assert after == before
+    time.sleep(30)
+    receiver = CallbackReceiver(port=port)
+    try:
+        for job_id in [*jobs, "restart-upload"]:
+            calls = receiver.wait_final(f"/{job_id}", timeout_s=600)
+            finals = [c for c in calls if c.final]
+            assert len({c.headers["webhook-id"] for c in finals}) == 1, job_id
+            assert finals[-1].body["status"] == "completed", finals[-1].body
+    finally:
+        receiver.close()
+    result = client.get("/jobs/restart-long").json()["result"]
+    said = words_of(" ".join(t["text"] for t in truth("conversation_4spk")["turns"]))
+    assert jiwer.wer(said, words_of(result["text"])) <= 0.15
+    assert client.get("/jobs/restart-upload").json()["result"]["language"] == "fr"
+    assert not list((server.workdir / "uploads").iterdir())  # the upload is gone once its job completed
+    assert client.get("/jobs/async-1").json() == before
