@@ -234,8 +234,8 @@ class Ingress:
         self._worker = uuid.uuid4().hex  # this replica's name on the leases it holds
         self._slots = asyncio.Semaphore(settings.jobs.max_active)
         self._running = 0  # analyses this replica runs now
-        self._lost: set[str] = set()  # jobs this replica stopped because their lease went elsewhere
-        self._holding: dict[str, tuple[str, asyncio.Task]] = {}  # job key -> (lease token, its analysis)
+        self._lost: set[str] = set()  # lease tokens of runs stopped here because the job is no longer theirs
+        self._holding: dict[str, tuple[str, asyncio.Task]] = {}  # lease token -> (job key, its analysis)
         self._wake = asyncio.Event()  # a job was queued here: look for work now, not at the next poll
         self._claimed: set[asyncio.Task] = set()  # jobs running from the queue (referenced until done)
         self._metrics = GraphMetrics()
@@ -445,15 +445,15 @@ class Ingress:
         self._report_occupancy()
         analysis = asyncio.current_task()
         assert analysis is not None
-        self._holding[key] = (token, analysis)
+        self._holding[token] = (key, analysis)
         lease = asyncio.create_task(self._hold_lease(key, token, analysis))
         try:
             progress = TrackerProgress(self._tracker, key, token, self._settings.jobs.progress_interval_s)
             result = await run_analysis(self._graph, _media(spec), spec.options, progress)
             await asyncio.to_thread(check_result_size, result, self._settings.server.max_result_bytes)
         except asyncio.CancelledError:
-            if key in self._lost:  # cancelled, claimed again elsewhere, or given back: nothing to record
-                self._lost.discard(key)
+            if token in self._lost:  # cancelled, claimed again elsewhere, or given back: nothing to record
+                self._lost.discard(token)
                 raise LeaseLost(key) from None
             # A /transcribe client went away: Serve cancels its request.
             await asyncio.shield(_answer(self._tracker.cancel.remote(key)))
@@ -473,7 +473,7 @@ class Ingress:
             return result
         finally:
             lease.cancel()
-            self._holding.pop(key, None)
+            self._holding.pop(token, None)
             self._running -= 1
             self._report_occupancy()
 
@@ -489,7 +489,7 @@ class Ingress:
                 continue
             if not held:
                 log.info("job %s: cancelled or claimed by another replica; stopping it here", key.partition("/")[2])
-                self._lost.add(key)
+                self._lost.add(token)
                 analysis.cancel()
                 return
 
@@ -497,8 +497,8 @@ class Ingress:
         """Serve is shutting this replica down (a downscale, a redeploy): give its jobs back to the queue
         at once, uncounted, rather than leave them to a lease that runs out."""
         self._worker_loop.cancel()
-        for key, (token, analysis) in list(self._holding.items()):
-            self._lost.add(key)
+        for token, (key, analysis) in list(self._holding.items()):
+            self._lost.add(token)
             analysis.cancel()
             with suppress(Exception):
                 await asyncio.wait_for(self._tracker.release.remote(key, token), 10.0)

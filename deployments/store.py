@@ -16,14 +16,19 @@ lease: renewing one writes only them.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from deployments.jobs import Delivery, Job, JobStatus
+
+log = logging.getLogger(__name__)
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS job_queue (
@@ -117,7 +122,11 @@ class _SqlJobStore:
                 f"SELECT {COLUMNS} FROM job_queue WHERE status IN (?, ?) ORDER BY created",
                 (JobStatus.queued.value, JobStatus.processing.value),
             ).fetchall()
-        return [_job(r) for r in rows]
+        jobs = []
+        for row in rows:
+            with suppress(ValidationError):  # unreadable rows are set aside by the next claim
+                jobs.append(_job(row))
+        return jobs
 
     def count_queued(self) -> int:
         with self._transaction() as sql:
@@ -125,13 +134,17 @@ class _SqlJobStore:
 
     def claim(self, worker: str, now: float, lease_until: float) -> Job | None:
         with self._transaction() as sql:
-            row = sql(
-                f"SELECT {COLUMNS} FROM job_queue WHERE {CLAIMABLE} ORDER BY created LIMIT 1{self.lock_clause}",
-                (now,),
-            ).fetchone()
-            if row is None:
-                return None
-            job = _job(row)
+            while True:
+                oldest = f"SELECT key, {COLUMNS} FROM job_queue WHERE {CLAIMABLE} ORDER BY created LIMIT 1"
+                row = sql(oldest + self.lock_clause, (now,)).fetchone()
+                if row is None:
+                    return None
+                try:
+                    job = _job(row[1:])
+                    break
+                except ValidationError:  # e.g. stored by another version: set aside, never let it block the queue
+                    log.error("job %s cannot be read and is set aside (status 'unreadable')", row[0].partition("/")[2])
+                    sql("UPDATE job_queue SET status = 'unreadable' WHERE key = ?", (row[0],))
             job.status, job.worker, job.lease_until = JobStatus.processing, worker, lease_until
             job.attempts += 1
             sql(

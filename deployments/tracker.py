@@ -58,6 +58,9 @@ class JobTracker:
         url = settings.jobs.store_url
         self._store = store or open_store(url.get_secret_value() if url else None, settings.jobs.db_path)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="job-store")  # the store's calls off the event loop
+        # Reads of finished jobs parse their whole result: on threads of their own, so that a client
+        # polling large results never delays a lease renewal.
+        self._reads = ThreadPoolExecutor(2, thread_name_prefix="job-reads")
         self._live: dict[str, Job] = {}  # unfinished jobs (the store has them too)
         self._progress: dict[str, StagedProgress] = {}
         self._channels: dict[str, ProgressChannel] = {}
@@ -319,7 +322,7 @@ class JobTracker:
     async def _get(self, key: str) -> Job | None:
         if key in self._live:
             return self._live[key]
-        return await self._call(self._store.get, key)
+        return await asyncio.get_running_loop().run_in_executor(self._reads, self._store.get, key)
 
     async def _finish(
         self, job: Job, status: JobStatus, error: JobError | None = None, keep_upload: bool = False

@@ -556,3 +556,15 @@ def test_an_unreachable_postgres_never_shows_its_password():
     with pytest.raises(StoreUnavailable) as raised:
         store.get("k")
     assert "pa55-w0rd-secret" not in str(raised.value) and raised.value.__cause__ is None
+
+
+def test_an_unreadable_row_is_set_aside_and_the_queue_goes_on(open_store):
+    store = open_store()
+    store.create(new_job("broken"))
+    store.create(new_job("fine"))
+    with store._transaction() as sql:  # as a newer version might have written it
+        sql("UPDATE job_queue SET data = ? WHERE key = ?", ('{"job_id": 42}', job_key("", "broken")))
+    assert [j.job_id for j in store.unfinished()] == ["fine"]
+    assert store.claim("w", time.time(), time.time() + 30).job_id == "fine"
+    assert store.claim("w", time.time(), time.time() + 30) is None
+    store.close()
