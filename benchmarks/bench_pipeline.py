@@ -1,4 +1,4 @@
-"""Benchmark the in-process pipeline on a 10-minute two-speaker espeak-ng dialogue.
+"""Benchmark the in-process pipeline on a 10-minute two-speaker espeak-ng conversation.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--seconds 600] [--config configs/default.yaml]
 
@@ -24,13 +24,26 @@ TARGETS = {"total": 0.06, "diarization": 0.025, "acoustics": 0.01}
 
 
 def make_recording(seconds: float) -> Path:
-    stem = DATA / f"dialogue_{int(seconds)}"
+    """A two-voice espeak-ng conversation (tests/fixtures/conversations.py) of `seconds`.
+
+    Not a script said over and over: sample-identical repeats of one sentence
+    give near-identical embeddings, which the diarizer then counts as speakers
+    (8 on the 10-minute looped script this benchmark used to read), and real
+    speech never repeats itself sample for sample.
+    """
+    stem = DATA / f"conversation_{int(seconds)}"
     if not stem.with_suffix(".flac").exists():
         DATA.mkdir(parents=True, exist_ok=True)
-        sys.path.insert(0, str(ROOT / "tests" / "fixtures"))  # the fixture script is not a package
-        from make_fixtures import make_long
+        sys.path.insert(0, str(ROOT))  # the fixture scripts are not a package
+        from dataclasses import asdict
 
-        make_long(seconds, stem)
+        from tests.fixtures.conversations import ConversationSpec, conversation
+        from tests.fixtures.make_fixtures import write
+
+        spec = ConversationSpec(stem.name, seed=600, speakers=2, minutes=seconds / 60, split="test")
+        audio, turns, _ = conversation(spec)
+        truth = {"language": "en", "duration": len(audio) / 16_000, "turns": [asdict(t) for t in turns]}
+        write(stem, audio, truth)
     return stem
 
 

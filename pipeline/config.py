@@ -133,11 +133,27 @@ class DiarizationSettings(BaseModel):
         description="Embedded pipeline: `spectral` (speaker count from the eigengap) or `agglomerative` "
         "(a fixed distance threshold, `clustering_threshold`).",
     )
-    spectral_pruning: float = Field(
-        0.1, description="Spectral clustering: share of each embedding's nearest neighbours kept in the graph."
+    spectral_neighbours: int = Field(
+        10,
+        ge=2,
+        description="Spectral clustering: each embedding's most similar embeddings (from other audio) kept in "
+        "the graph.",
+    )
+    spectral_sharpness: float = Field(
+        10.0,
+        gt=0,
+        description="Spectral clustering: graph weights are cosine similarities to this power (a voice heard "
+        "briefly keeps its few neighbours).",
+    )
+    merge_ratio: float = Field(
+        0.97,
+        description="Spectral clustering: two clusters merge when their embeddings are at least this share as "
+        "alike across the two as within the less coherent one.",
     )
     merge_threshold: float = Field(
-        0.8, description="Spectral clustering: clusters whose centroids are more cosine-similar than this merge."
+        0.8,
+        description="Spectral clustering of short files (fewer than 12 embeddings): clusters whose centroids are "
+        "more cosine-similar than this merge.",
     )
     clustering_threshold: float = Field(
         0.6, description="Agglomerative clustering: centroid distance threshold (0-2, unit embeddings)."

@@ -182,7 +182,12 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
         from pipeline.clustering import SpectralSpeakerClustering
 
         pipeline.clustering = SpectralSpeakerClustering()
-        clustering = {"pruning": settings.spectral_pruning, "merge_threshold": settings.merge_threshold}
+        clustering = {
+            "neighbours": settings.spectral_neighbours,
+            "sharpness": settings.spectral_sharpness,
+            "merge_ratio": settings.merge_ratio,
+            "merge_threshold": settings.merge_threshold,
+        }
     else:
         clustering = {"method": "centroid", "min_cluster_size": 3, "threshold": settings.clustering_threshold}
     return pipeline.instantiate({"segmentation": params, "clustering": clustering})
@@ -241,10 +246,10 @@ def _embedded_pipeline_class() -> type:
         pyannote crops every chunk once per local speaker and embeds it, so with
         a 1 s step each second of audio goes through the encoder ~30 times.
         CAM++ ends in statistics pooling over frame-level features, so we run
-        its frame-level trunk over the file *once* and pool, for each (chunk,
-        speaker), the frames where that speaker speaks alone (the segmentation
-        mask as weights). The same quantity pyannote's weighted pooling embeds,
-        for a fraction of the compute.
+        its frame-level trunk *once* over each stretch where one voice speaks
+        alone (see `trunk_blocks`) and pool, for each (chunk, speaker), the
+        frames where that speaker speaks alone (the segmentation mask as
+        weights), for a fraction of the compute.
         """
 
         def get_embeddings(self, file, binary_segmentations, exclude_overlap=False, hook=None):
@@ -262,7 +267,7 @@ def _embedded_pipeline_class() -> type:
     return EmbeddedSpeakerDiarization
 
 
-TRUNK_BLOCK_S = 30  # the trunk runs over blocks this long; whole seconds keep frames aligned
+TRUNK_BLOCK_S = 120  # the trunk runs over the single-speaker runs of blocks this long (whole seconds)
 TRUNK_FPS = 50  # trunk frames per second (fbank at 100 per second, strided by 2)
 
 
@@ -283,7 +288,8 @@ def chunk_embeddings(encoder: Any, waveform: Any, segmentations: Any, hook: Call
     first_frame = [round((chunks.start + c * chunks.step) * TRUNK_FPS) for c in range(num_chunks)] + [None]
     kept: Any = None  # trunk frames from kept_start on
     kept_start = next_chunk = 0
-    blocks = trunk_blocks(encoder, waveform, total_s)
+    runs = single_speaker_runs(segmentations, total_s * TRUNK_FPS)
+    blocks = trunk_blocks(encoder, waveform, total_s, runs)
     with torch.inference_mode():
         for b, trunk in enumerate(blocks, 1):
             kept = trunk if kept is None else torch.cat([kept, trunk])
@@ -301,32 +307,101 @@ def chunk_embeddings(encoder: Any, waveform: Any, segmentations: Any, hook: Call
     return out
 
 
-def trunk_blocks(encoder: Any, waveform: Any, total_s: int) -> Iterator[Any]:
-    """CAM++ trunk frames (TRUNK_FPS a second) of `total_s` seconds of audio, block by block.
+MIN_RUN = 10  # trunk frames (0.2 s): shorter single-speaker stretches are not embedded
 
-    Only real audio goes through the trunk: the last block reaches back a whole
-    block rather than being padded with zeros (its mean normalisation and
-    CAM's context would be mostly padding, skewing the last real second), and
-    seconds past the end of the audio, where no one speaks, get zero frames.
+
+def single_speaker_runs(segmentations: Any, total_frames: int) -> list[tuple[int, int]]:
+    """[start, end) trunk frames of the stretches where one voice speaks alone (MIN_RUN or longer).
+
+    Each trunk frame is read from the chunk whose centre is nearest to it. A run
+    ends at silence or overlap, or where the speaker changes as seen by the chunk
+    of either frame at the boundary (local speaker numbers mean something only
+    within one chunk, and both frames lie in both chunks).
+    """
+    window = segmentations.sliding_window
+    data = np.nan_to_num(segmentations.data)
+    num_chunks, seg_frames, _ = data.shape
+    times = (np.arange(total_frames) + 0.5) / TRUNK_FPS
+    nearest = np.round((times - window.start - window.duration / 2) / window.step)
+    nearest = np.clip(nearest, 0, num_chunks - 1).astype(int)
+
+    def alone(chunk: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The local speaker speaking alone at `t` in `chunk`; -1 for nobody or several."""
+        offset = t - (window.start + chunk * window.step)
+        frame = np.clip((offset / window.duration * seg_frames).astype(int), 0, seg_frames - 1)
+        active = data[chunk, frame]
+        one = (active.sum(axis=1) == 1) & (offset >= 0) & (offset < window.duration)
+        return np.where(one, active.argmax(axis=1), -1)
+
+    speaker = alone(nearest, times)
+    before, previous = times - 1.0 / TRUNK_FPS, np.roll(nearest, 1)
+    goes_on = (speaker >= 0) & (alone(nearest, before) == speaker) & (alone(previous, times) == alone(previous, before))
+    goes_on[0] = False
+    starts = np.flatnonzero((speaker >= 0) & ~goes_on)
+    stops = np.append(np.flatnonzero(~goes_on), total_frames)
+    ends = stops[np.searchsorted(stops, starts, side="right")]
+    return [(int(a), int(z)) for a, z in zip(starts, ends, strict=True) if z - a >= MIN_RUN]
+
+
+def trunk_blocks(encoder: Any, waveform: Any, total_s: int, runs: list[tuple[int, int]]) -> Iterator[Any]:
+    """CAM++ trunk frames (TRUNK_FPS a second) of `total_s` seconds, block by block: each
+    single-speaker run's frames from the trunk run over that run alone; NaN elsewhere.
+
+    Why run by run: a trunk frame sees about 3.7 s of audio around it (52 dilated
+    convolutions), and each CAM layer gates it with the mean over its whole input.
+    Run over a stretch of conversation, a voice's frames carried whoever spoke
+    near them, so one voice's embeddings split by the company it kept (on the
+    development set, into clusters as far apart as two close voices). Run over its
+    own stretch, a frame hears one voice, as CAM++ was trained.
     """
     import torch
 
     from pipeline.campplus import fbank
 
-    audio_s = int(math.ceil(waveform.shape[-1] / SAMPLE_RATE))
-    waveform = torch.nn.functional.pad(waveform, (0, audio_s * SAMPLE_RATE - waveform.shape[-1]))
     device = next(encoder.parameters()).device
-    done = 0
-    while done < audio_s:
-        end = min(done + TRUNK_BLOCK_S, audio_s)
-        start = max(0, end - TRUNK_BLOCK_S)
-        features = fbank(waveform[start * SAMPLE_RATE : end * SAMPLE_RATE].to(device))
-        trunk = encoder.frames((features - features.mean(dim=0))[None])[0].T  # (frames, channels)
-        yield trunk[(done - start) * TRUNK_FPS :]
-        done = end
-    if total_s > audio_s:
-        channels = encoder.xvector["dense"].linear.in_channels // 2
-        yield torch.zeros(((total_s - audio_s) * TRUNK_FPS, channels), device=device)
+    channels = encoder.xvector["dense"].linear.in_channels // 2
+    hop = SAMPLE_RATE // TRUNK_FPS  # samples per trunk frame
+    block = TRUNK_BLOCK_S * TRUNK_FPS
+    pending = iter(runs)
+    run = next(pending, None)
+    for first in range(0, total_s * TRUNK_FPS, block):
+        pieces = []  # (start frame in the block, mean-normalised fbank)
+        while run is not None and run[0] < first + block:
+            # A run crossing the block's end is embedded in two parts (bounded input length).
+            start, end = run[0], min(run[1], first + block)
+            audio = waveform[start * hop : end * hop].to(device)
+            if end - start >= MIN_RUN and len(audio) >= MIN_RUN * hop:
+                features = fbank(audio)
+                pieces.append((start - first, features - features.mean(dim=0)))
+            run = (end, run[1]) if end < run[1] else next(pending, None)
+        out = torch.full((block, channels), float("nan"), device=device)
+        for at, trunk in _batched_trunk(encoder, pieces):
+            frames = min(len(trunk), block - at)
+            out[at : at + frames] = trunk[:frames]
+        yield out
+
+
+BATCH_SLACK = 1.25  # runs batched together differ in length by at most this factor
+
+
+def _batched_trunk(encoder: Any, pieces: list[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """(start, (frames, channels) trunk output) per piece, pieces of similar length run as one batch.
+
+    The trunk's cost is mostly per call at these lengths (3 s pieces one by one
+    take 1.7 times as long as 30 s at once). Padding the shorter pieces of a batch
+    changes nothing of their frames (see `CAMPPlus.frames`).
+    """
+    import torch
+
+    pieces = sorted(pieces, key=lambda p: len(p[1]))
+    while pieces:
+        size = next((i for i, p in enumerate(pieces) if len(p[1]) > BATCH_SLACK * len(pieces[0][1])), len(pieces))
+        batch, pieces = pieces[:size], pieces[size:]
+        longest = len(batch[-1][1])
+        padded = torch.stack([torch.nn.functional.pad(f, (0, 0, 0, longest - len(f))) for _, f in batch])
+        trunk = encoder.frames(padded, [len(f) for _, f in batch]).transpose(1, 2)  # (batch, frames, channels)
+        for (at, features), frames in zip(batch, trunk, strict=True):
+            yield at, frames[: (len(features) + 1) // 2]
 
 
 def _pool_chunk(encoder: Any, frames: Any, mask: np.ndarray) -> np.ndarray:
@@ -334,6 +409,9 @@ def _pool_chunk(encoder: Any, frames: Any, mask: np.ndarray) -> np.ndarray:
     import torch
 
     weights = _speaker_weights(mask, len(frames))
+    embedded = ~torch.isnan(frames).any(dim=1)  # frames of single-speaker runs
+    weights *= embedded.cpu().numpy()[None]
+    frames = torch.nan_to_num(frames)
     out = np.full((weights.shape[0], encoder.xvector["dense"].linear.out_channels), np.nan, dtype=np.float32)
     active = weights.sum(axis=1) > 0
     if active.any():

@@ -100,6 +100,49 @@ def test_pooling_the_trunk_matches_embedding_the_excerpt(campplus):
     assert float(direct @ pooled) > 0.999
 
 
+def one_chunk(masks: list[np.ndarray], seconds: float = 10.0):
+    """A pyannote segmentation of one chunk: (1, frames, speakers), frames of `seconds` / frames."""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    data = np.stack(masks, axis=1)[None].astype(np.float32)
+    return SlidingWindowFeature(data, SlidingWindow(start=0.0, duration=seconds, step=seconds))
+
+
+def test_a_voice_beside_another_keeps_its_own_embedding(campplus):
+    """A trunk frame hears ~3.7 s of audio and CAM++ gates it with the mean of its whole
+    input: run over a conversation, a voice's frames carried its neighbour's voice. Each
+    single-speaker run now goes through the trunk on its own, so a voice's embedding from a
+    chunk it shares with another voice is the embedding of its own words."""
+    from pipeline.diarization import chunk_embeddings
+
+    man = speak(Voice("en-us+m3", 40, 160, 0.0), "Please bring the documents to my office tomorrow morning.")
+    woman = speak(Voice("en-us+f2", 65, 170, 0.0), "We walked along the river until sunset, talking for hours.")
+    audio = np.zeros(10 * SR, dtype=np.float32)
+    audio[: len(man)] = man
+    audio[len(man) : len(man) + len(woman)] = woman
+    frames = 589  # pyannote segmentation-3.0's frames in 10 s
+    t = (np.arange(frames) + 0.5) * 10 / frames
+    masks = [t < len(man) / SR, (t >= len(man) / SR) & (t < (len(man) + len(woman)) / SR), np.zeros(frames, bool)]
+    with torch.inference_mode():
+        pooled = chunk_embeddings(campplus, torch.from_numpy(audio), one_chunk(masks), None)[0]
+        alone = [embed(campplus, torch.from_numpy(v)).numpy() for v in (man, woman)]
+    assert np.isnan(pooled[2]).all()  # the silent third speaker
+    for voice, own in zip(pooled[:2], alone, strict=True):
+        assert float(voice @ own) > 0.97  # measured: 0.99 and 1.00; one trunk over the chunk gave 0.89 and 0.87
+
+
+def test_single_speaker_runs_end_at_changes_silence_and_overlap():
+    from pipeline.diarization import TRUNK_FPS, single_speaker_runs
+
+    frames = 589
+    t = (np.arange(frames) + 0.5) * 10 / frames
+    a = (t < 3) | ((t >= 6) & (t < 8))  # 0-3 s, then 6-8 s
+    b = (t >= 3) & (t < 6.5)  # right after a (no pause), overlapping a at 6-6.5 s
+    runs = single_speaker_runs(one_chunk([a, b, np.zeros(frames, bool)]), 10 * TRUNK_FPS)
+    seconds = [(round(x / TRUNK_FPS, 1), round(z / TRUNK_FPS, 1)) for x, z in runs]
+    assert seconds == [(0.0, 3.0), (3.0, 6.0), (6.5, 8.0)]
+
+
 # -- diarization -----------------------------------------------------------------
 
 
@@ -163,11 +206,13 @@ def voices_on_the_sphere(counts: list[int], spread: float, seed: int = 0) -> tup
     return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat(np.arange(len(counts)), counts)
 
 
-def spectral(pruning: float = 0.1, merge: float = 0.8):
+def spectral(neighbours: int = 10, sharpness: float = 10.0, ratio: float = 0.97, merge: float = 0.8):
     from pipeline.clustering import SpectralSpeakerClustering
 
     clustering = SpectralSpeakerClustering()
-    clustering.instantiate({"pruning": pruning, "merge_threshold": merge})
+    clustering.instantiate(
+        {"neighbours": neighbours, "sharpness": sharpness, "merge_ratio": ratio, "merge_threshold": merge}
+    )
     return clustering
 
 
@@ -212,3 +257,39 @@ def test_short_files_are_split_too():
         assert len(set(labels)) == 2 and len(set(labels[: counts[0]])) == 1
     one = centres[:1] + 0.01 * rng.normal(size=(5, EMBEDDING_DIM))
     assert len(set(spectral().cluster(one, 1, 5))) == 1
+
+
+def turns_of_voices(voices: np.ndarray, turns: list[int], drift: float, rng) -> tuple[np.ndarray, ...]:
+    """Embeddings of consecutive overlapping chunks, turn after turn (`turns`: the voice of each),
+    with each embedding's chunk position in units of chunks that share no audio (4 steps).
+    A turn's chunks share audio, so they are near copies of one another, all pulled off
+    their voice by `drift` (what a turn's words do)."""
+    x, labels, chunks, at = [], [], [], 0
+    for voice in turns:
+        offset = voices[voice] + drift * rng.normal(size=EMBEDDING_DIM) / np.sqrt(EMBEDDING_DIM)
+        for _ in range(6):
+            x.append(offset + 0.02 * rng.normal(size=EMBEDDING_DIM) / np.sqrt(EMBEDDING_DIM))
+            labels.append(voice)
+            chunks.append(at)
+            at += 1
+        at += 2
+    x = np.array(x)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array(labels), np.array(chunks) / 4
+
+
+def test_turns_of_one_voice_are_one_speaker_and_close_voices_two():
+    """Overlapping chunks of one turn make tight little clusters that an affinity graph of
+    nearest neighbours would take for speakers. The graph and the merge compare only chunks
+    that share no audio: the turns of one voice join, and two voices at cosine 0.9 (closer
+    than one voice's turns are to each other) stay apart."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(2, EMBEDDING_DIM))
+    a /= np.linalg.norm(a)
+    b = 0.9 * a + np.sqrt(1 - 0.9**2) * b / np.linalg.norm(b)
+    voices = np.stack([a, b])
+    x, truth_labels, chunks = turns_of_voices(voices, [0, 1, 0, 1, 0, 1, 1, 0, 1, 0], drift=0.3, rng=rng)
+    labels = spectral().cluster(x, 1, len(x), chunks=chunks)
+    assert len(set(labels)) == 2
+    assert all(len(set(labels[truth_labels == k])) == 1 for k in range(2))
+    x, _, chunks = turns_of_voices(voices[:1], [0] * 10, drift=0.3, rng=rng)
+    assert len(set(spectral().cluster(x, 1, len(x), chunks=chunks))) == 1
