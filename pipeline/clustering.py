@@ -34,7 +34,7 @@ from scipy.linalg import eigh
 from sklearn.cluster import KMeans
 
 MIN_EMBEDDINGS = 12  # fewer (a short file) and there is no graph to read a count from
-MAX_SEARCH = 10  # the eigengap is looked for among up to this many speakers (more when asked for)
+MAX_SEARCH = 20  # the eigengap is looked for among up to this many speakers (more when asked for)
 MAX_SPECTRAL = 2000  # embeddings clustered directly; more are sampled (about 80 min of audio at a 2.5 s step)
 
 

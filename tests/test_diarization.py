@@ -232,7 +232,7 @@ def spectral(neighbours: int = 10, sharpness: float = 10.0, ratio: float = 0.97,
     return clustering
 
 
-@pytest.mark.parametrize("counts", [[40, 25], [30, 30, 8], [20, 20, 20, 20, 20, 12]])
+@pytest.mark.parametrize("counts", [[40, 25], [30, 30, 8], [20, 20, 20, 20, 20, 12], [15] * 12])
 def test_eigengap_finds_the_number_of_speakers(counts):
     x, truth_labels = voices_on_the_sphere(counts, spread=0.08)
     labels = spectral().cluster(x, min_clusters=1, max_clusters=len(x))
