@@ -8,14 +8,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := ffmpeg espeak-ng sox postgresql
+SYSTEM_PACKAGES := ffmpeg espeak-ng sox postgresql chromium chromium-driver
 
 .PHONY: setup system-packages serve demo test lint bench
 
 setup: system-packages $(VENV)/.installed
 
 system-packages:
-	@missing=""; for p in ffmpeg ffprobe espeak-ng sox; do command -v $$p >/dev/null || missing=1; done; \
+	@missing=""; for p in ffmpeg ffprobe espeak-ng sox chromium chromedriver; do command -v $$p >/dev/null || missing=1; done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
 	if [ -n "$$missing" ]; then \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(SYSTEM_PACKAGES); \

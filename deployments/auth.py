@@ -64,7 +64,16 @@ class Access:
         return access
 
     def is_open(self, path: str) -> bool:
-        return path in self.open_paths
+        """Whether `path` needs no key: an exact open path, or one under an open prefix ("/static/*").
+
+        A path with a ".." segment is under no prefix: no route resolves dot segments, but a
+        prefix must not open whatever a proxy in front might make of one.
+        """
+        if path in self.open_paths:
+            return True
+        if ".." in path.split("/"):
+            return False
+        return any(p.endswith("*") and path.startswith(p[:-1]) for p in self.open_paths)
 
     def owner(
         self, authorization: str | None, client_host: str | None, host: str | None = None, origin: str | None = None

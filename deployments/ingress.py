@@ -47,6 +47,8 @@ from deployments.jobs import Job, JobError, JobSpec, JobView, job_key
 from deployments.metrics import GraphMetrics
 from deployments.progress import TrackerProgress
 from deployments.tracker import job_tracker
+from deployments.webpage import HEADERS as PAGE_HEADERS
+from deployments.webpage import load_static
 from pipeline.analyzer import STAGE_WEIGHTS, AnalysisOptions, Source, Upload, run_analysis
 from pipeline.config import Settings
 from pipeline.errors import AnalyzerError, InputError, UnsupportedMediaType
@@ -239,6 +241,7 @@ class Ingress:
         self._wake = asyncio.Event()  # a job was queued here: look for work now, not at the next poll
         self._claimed: set[asyncio.Task] = set()  # jobs running from the queue (referenced until done)
         self._metrics = GraphMetrics()
+        self._static = load_static()
         # Serve builds replicas on their event loop: the worker starts with the replica, so queued
         # jobs run after a restart even before any request arrives.
         self._worker_loop = asyncio.get_running_loop().create_task(self._work())
@@ -369,6 +372,26 @@ class Ingress:
         job = await _answer(self._tracker.retry.remote(job_key(owner, job_id)))
         self._wake.set()
         return _accepted(job)
+
+    # -- the web page: public by default (`server.open_paths`); it carries no data and asks for a key itself
+
+    @app.get("/", include_in_schema=False)
+    async def page(self, request: Request) -> Response:
+        return self._static_file(request, "index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, request: Request, name: str) -> Response:
+        return self._static_file(request, name)
+
+    def _static_file(self, request: Request, name: str) -> Response:
+        self._caller(request)
+        file = self._static.get(name)
+        if file is None:
+            raise HTTPException(404, "no such file")
+        headers = {**PAGE_HEADERS, "etag": file.etag}
+        if request.headers.get("if-none-match") == file.etag:
+            return Response(status_code=304, headers=headers)
+        return Response(file.body, media_type=file.media_type, headers=headers)
 
     # -- requests -------------------------------------------------------------
 

@@ -55,8 +55,9 @@ class ServerSettings(BaseModel):
     """The HTTP ingress: what it accepts and from whom."""
 
     open_paths: list[str] = Field(
-        default_factory=lambda: ["/health", "/docs", "/openapi.json"],
-        description="Paths served without an API key.",
+        default_factory=lambda: ["/health", "/docs", "/openapi.json", "/", "/static/*"],
+        description="Paths served without an API key; a trailing `*` makes a prefix (`/static/*`). "
+        "The web page (`/`, `/static/*`) carries no data: it asks for a key itself.",
     )
     anonymous_remote: bool = Field(
         False,

@@ -83,6 +83,16 @@ def test_open_paths_are_configurable():
     assert closed.is_open("/health") and not closed.is_open("/docs") and not closed.is_open("/openapi.json")
 
 
+def test_open_paths_with_a_trailing_star_are_prefixes():
+    gate = access()  # the default opens the web page: "/" and "/static/*"
+    assert gate.is_open("/") and gate.is_open("/static/app.js") and gate.is_open("/static/")
+    for closed in ("/jobs/x", "/static", "/staticx/app.js", "/x/static/app.js", "/static/../jobs/x", "/static/a/../b"):
+        assert not gate.is_open(closed), closed
+    exact = access(server={"open_paths": ["/static*x"]})  # a star inside a path is a character, not a wildcard
+    assert exact.is_open("/static*x") and not exact.is_open("/staticAx")
+    assert not access(server={"open_paths": ["/health"]}).is_open("/")
+
+
 def test_results_larger_than_the_store_keeps_are_refused():
     from deployments.bodies import check_result_size
     from pipeline.errors import FileTooLarge
