@@ -8,16 +8,16 @@ Errors become HTTP statuses here and only here (see `deployments.errors`).
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -42,6 +42,7 @@ from deployments.errors import (
     as_analyzer_error,
     http_status,
 )
+from deployments.events import JobEvent
 from deployments.graph import Graph
 from deployments.jobs import Job, JobError, JobSpec, JobView, job_key
 from deployments.metrics import GraphMetrics
@@ -52,6 +53,7 @@ from deployments.webpage import load_static
 from pipeline.analyzer import STAGE_WEIGHTS, AnalysisOptions, Source, Upload, run_analysis
 from pipeline.config import Settings
 from pipeline.errors import AnalyzerError, InputError, UnsupportedMediaType
+from pipeline.formats import FORMATS, render
 from pipeline.media import choose_source
 from pipeline.netguard import NetworkPolicy, check_url_async
 from pipeline.schemas import AnalysisResult
@@ -117,6 +119,10 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     body = ErrorBody(error="internal_error", message="internal error; see the server log")
     return JSONResponse(body.model_dump(), 500)
 
+
+EVENT_WAIT_S = 15.0  # a keep-alive comment this often while a job is quiet: proxies close silent streams
+EVENT_RETRY_MS = 2000  # how soon EventSource clients reconnect after a break
+ExportFormat = Literal["json", "srt", "vtt", "rttm", "txt", "tsv"]
 
 MULTIPART_FIELDS = {
     "type": "object",
@@ -352,6 +358,60 @@ class Ingress:
             raise UnknownJob(f"no job {job_id}")
         return job
 
+    @app.get(
+        "/jobs/{job_id}/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "Server-sent events of the job"},
+            **{k: ERRORS[k] for k in (401, 404)},
+        },
+    )
+    async def job_events(
+        self,
+        request: Request,
+        job_id: str,
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    ) -> StreamingResponse:
+        """The job's progress as server-sent events, live: `event: progress` for each update, then
+        `event: completed|failed|cancelled` with the final state, and the stream ends.
+
+        Each event's `data` is the job as `GET /jobs/{job_id}` shows it, without the
+        result (fetch it once: `GET /jobs/{job_id}/result`). Send the last `id` seen as
+        `Last-Event-ID` to resume after a break (browsers' EventSource does this itself).
+        """
+        key = job_key(self._caller(request), job_id)
+        first = await _answer(self._tracker.events.remote(key, last_event_id, 0.0))
+        if first is None:
+            raise UnknownJob(f"no job {job_id}")
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # no proxy may hold events back
+        stream = self._event_stream(key, last_event_id, first)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+    @app.get(
+        "/jobs/{job_id}/result",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The result in the format asked for",
+                "content": {f.media_type.split(";")[0]: {} for f in FORMATS.values()},
+            },
+            **{k: ERRORS[k] for k in (401, 404, 409)},
+        },
+    )
+    async def job_result(self, request: Request, job_id: str, format: ExportFormat = "json") -> Response:
+        """A completed job's result as `json` (the AnalysisResult), subtitles (`srt`, `vtt`), speaker
+        turns (`rttm`), or text with speakers (`txt`, `tsv`: start, end in ms, speaker, text).
+        Any other state gets 409."""
+        owner = self._caller(request)
+        job = await self._tracker.get.remote(job_key(owner, job_id))
+        if job is None:
+            raise UnknownJob(f"no job {job_id}")
+        if job.result is None:
+            raise JobStateConflict(f"job {job_id} is {job.status}; it has a result once completed")
+        text = await asyncio.to_thread(render, job.result, format, job_id)
+        disposition = f'inline; filename="{job_id}.{FORMATS[format].extension}"'
+        return Response(text, media_type=FORMATS[format].media_type, headers={"content-disposition": disposition})
+
     @app.delete("/jobs/{job_id}", response_model=JobView, responses={k: ERRORS[k] for k in (401, 403, 404, 409)})
     async def cancel_job(self, request: Request, job_id: str) -> JobView:
         """Cancel a queued or running job: it ends `cancelled` (with a final callback), and its worker
@@ -425,6 +485,23 @@ class Ingress:
         if media_type(request) == "application/json":
             return await self._read_json(request, JobRequest), None
         raise UnsupportedMediaType("send application/json, or multipart/form-data with the media as `file`")
+
+    async def _event_stream(self, key: str, last: str | None, first: tuple[list[JobEvent], bool]) -> AsyncIterator[str]:
+        """Server-sent events until the job's final one; a comment line whenever it is quiet for a while."""
+        yield f"retry: {EVENT_RETRY_MS}\n\n"
+        events, ended = first
+        while True:
+            for event in events:
+                yield event.encode()
+            if ended:
+                return
+            if not events:
+                yield ": keep-alive\n\n"
+            last = events[-1].id if events else last
+            answer = await _answer(self._tracker.events.remote(key, last, EVENT_WAIT_S))
+            if answer is None:  # the job is gone (its owner's store was cleared): nothing more will come
+                return
+            events, ended = answer
 
     # -- running analyses -----------------------------------------------------
 

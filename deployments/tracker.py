@@ -31,6 +31,7 @@ from ray.util import metrics
 
 from deployments.callbacks import CallbackSender, ProgressChannel
 from deployments.errors import JobStateConflict, Overloaded, UnknownJob
+from deployments.events import EventFeed, JobEvent
 from deployments.jobs import CallbackPayload, Delivery, Job, JobError, JobSpec, JobStatus, JobView, now
 from deployments.store import JobStore, open_store
 from pipeline.config import Settings
@@ -64,6 +65,7 @@ class JobTracker:
         self._live: dict[str, Job] = {}  # unfinished jobs (the store has them too)
         self._progress: dict[str, StagedProgress] = {}
         self._channels: dict[str, ProgressChannel] = {}
+        self._feed = EventFeed()  # for GET /jobs/{id}/events: in memory, a restart starts a new one
         self._reserved = 0  # submissions admitted whose job is not stored yet
         self._sender: CallbackSender | None = None
         self._started: asyncio.Task | None = None
@@ -234,6 +236,15 @@ class JobTracker:
         job = await self._get(key)
         return job.view() if job else None
 
+    async def events(self, key: str, last_id: str | None, wait_s: float) -> tuple[list[JobEvent], bool] | None:
+        """The job's events after `last_id`, waiting up to `wait_s` for one, and whether the client then
+        has its final event; None when there is no such job."""
+        await self._ready()
+        job = await self._get(key)
+        if job is None:
+            return None
+        return await self._feed.after(key, job, last_id, wait_s)
+
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys((s.value for s in JobStatus), 0)
         for job in self._live.values():
@@ -343,6 +354,7 @@ class JobTracker:
                 payload=None if status == JobStatus.completed else CallbackPayload.of(job),
             )
         await self._call(self._store.save, job, delivery)  # the job's end and its callback: one transaction
+        self._feed.publish(job.key, job)
         self._live.pop(job.key, None)
         self._progress.pop(job.key, None)
         self._finished[status] += 1
@@ -366,7 +378,8 @@ class JobTracker:
     # -- callbacks ------------------------------------------------------------
 
     def _notify(self, job: Job) -> None:
-        """A progress callback (best effort); final ones go through the outbox."""
+        """A progress event, and a progress callback (best effort); final ones go through the outbox."""
+        self._feed.publish(job.key, job)
         if not job.callback_url:
             return
         channel = self._channels.get(job.key)

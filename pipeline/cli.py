@@ -18,7 +18,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-speakers", type=int)
     p.add_argument("--min-speakers", type=int)
     p.add_argument("--max-speakers", type=int)
-    p.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
+    p.add_argument(
+        "--format",
+        choices=["json", "srt", "vtt", "rttm", "txt", "tsv"],
+        default="json",
+        help="json (the whole result), subtitles (srt, vtt), speaker turns (rttm), text or a table (txt, tsv)",
+    )
     p.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
     p.add_argument("--config", type=Path, help="YAML settings file (default: $ECG_CONFIG or built-in CPU profile)")
     p.add_argument("-v", "--verbose", action="store_true", help="log model loading and stage details")
@@ -76,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     except AnalyzerError as e:
         print(f"ecg-analyze: error: {e} [{e.code}]", file=sys.stderr)
         return EXIT_MODEL
-    text = render(result, args.format)
+    text = render(result, args.format, name=_recording_name(args.input))
     if args.output:
         args.output.write_text(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _recording_name(source: str) -> str:
+    """The file's stem, as RTTM names the recording: `calls/monday.mp4?sig=..` -> `monday`."""
+    return Path(source.split("?")[0].rstrip("/")).stem
 
 
 if __name__ == "__main__":

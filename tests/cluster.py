@@ -23,8 +23,9 @@ RAY = ROOT / ".venv" / "bin" / "ray"
 class RayNode:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self._log = log
+        self.node_manager_port = free_port()  # names the node in the cluster's node table
         ports = {
-            "--node-manager-port": free_port(),
+            "--node-manager-port": self.node_manager_port,
             "--object-manager-port": free_port(),
             "--dashboard-agent-listen-port": free_port(),
             "--dashboard-agent-grpc-port": free_port(),
@@ -79,21 +80,31 @@ class RayCluster:
             workdir / "head.log",
         )
         self.nodes: list[RayNode] = [self.head]
-        self._wait_for_nodes(1)
+        assert self._wait_for_node(self.head), f"the head node did not start; see {workdir}/head.log"
 
-    def add_node(self, num_cpus: int, resources: dict[str, float]) -> RayNode:
-        node = RayNode(
-            [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"],
-            self.env,
-            self.workdir / f"node{len(self.nodes)}.log",
-        )
-        self.nodes.append(node)
-        self._wait_for_nodes(sum(n.alive for n in self.nodes))
-        return node
+    def add_node(self, num_cpus: int, resources: dict[str, float], attempts: int = 3) -> RayNode:
+        """A node joined to the cluster, once the cluster lists it alive.
 
-    def alive_nodes(self) -> tuple[int, str]:
-        """Nodes alive, as a driver connected to the cluster sees them (and its stderr, for failures)."""
-        script = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+        A node started while the machine is busy (a job running on the head, a
+        dead node being dealt with) can time out in its own start-up and exit:
+        it is started again, as an operator would.
+        """
+        for attempt in range(1, attempts + 1):
+            node = RayNode(
+                [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"],
+                self.env,
+                self.workdir / f"node{len(self.nodes)}.{attempt}.log",
+            )
+            if self._wait_for_node(node):
+                self.nodes.append(node)
+                return node
+            node.kill()
+        raise AssertionError(f"no node joined the cluster in {attempts} attempts; see {self.workdir}/node*.log")
+
+    def alive_nodes(self) -> tuple[list[int], str]:
+        """Node-manager ports of the nodes alive, as a driver connected to the cluster sees them
+        (and its stderr, for failures)."""
+        script = "import ray; ray.init(); print([n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])"
         out = subprocess.run(
             [str(ROOT / ".venv" / "bin" / "python"), "-c", script],
             env={**self.env, "RAY_ADDRESS": self.address},
@@ -102,14 +113,19 @@ class RayCluster:
             timeout=120,
         )
         if out.returncode != 0 or not out.stdout.strip():
-            return 0, out.stderr[-2000:]
-        return int(out.stdout.strip().splitlines()[-1]), ""
+            return [], out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1]), ""
 
-    def _wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
+    def _wait_for_node(self, node: RayNode, timeout_s: float = 120) -> bool:
+        """True once `node` is alive in the cluster; False if its process exits first."""
         deadline = time.monotonic() + timeout_s
-        while (alive := self.alive_nodes())[0] < count:
-            assert time.monotonic() < deadline, f"the cluster never had {count} nodes up: {alive[1]}"
+        while node.alive:
+            alive, why = self.alive_nodes()
+            if node.node_manager_port in alive:
+                return True
+            assert time.monotonic() < deadline, f"node not up after {timeout_s} s: {why}"
             time.sleep(1)
+        return False
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

@@ -183,7 +183,7 @@ def test_bad_options_are_input_errors():
         AnalysisOptions(min_speakers=3, max_speakers=2)
 
 
-def test_cli_writes_srt_and_json(tmp_path):
+def test_cli_writes_srt_and_reports_errors(tmp_path):
     out = tmp_path / "out.srt"
     proc = subprocess.run(
         [
