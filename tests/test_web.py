@@ -46,14 +46,18 @@ ANALYSIS_TIMEOUT_S = 300
 
 
 @contextmanager
-def chromium() -> Iterator[WebDriver]:
-    """Headless Chromium with its console log kept; always quit, whatever happens."""
+def chromium(downloads: Path | None = None) -> Iterator[WebDriver]:
+    """Headless Chromium with its console log kept, saving downloads in `downloads`; always quit."""
     assert CHROMIUM.exists() and CHROMEDRIVER.exists(), "apt-get install chromium chromium-driver (make setup)"
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tempfile.mkdtemp(prefix='ecg-chromium-')}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if downloads is not None:
+        options.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
     # The Debian driver, named: Selenium never goes looking for one to download.
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
@@ -69,6 +73,7 @@ class AnalysedPage:
     """The page after a real upload of the dialogue ran to its end."""
 
     driver: WebDriver
+    downloads: Path
     job_id: str
     result: dict
     progress_seen: list[float]
@@ -100,8 +105,9 @@ def wait_for_result(driver: WebDriver, timeout_s: float) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def page(server, client) -> Iterator[AnalysedPage]:
-    with chromium() as driver:
+def page(server, client, tmp_path_factory) -> Iterator[AnalysedPage]:
+    downloads = tmp_path_factory.mktemp("downloads")
+    with chromium(downloads) as driver:
         driver.get(server.url + "/")
         driver.find_element(By.ID, "api-key").send_keys(API_KEY)
         driver.find_element(By.ID, "file").send_keys(str(fixture_path("dialogue_en.flac")))
@@ -110,7 +116,7 @@ def page(server, client) -> Iterator[AnalysedPage]:
         job_id = driver.find_element(By.ID, "job-id").get_attribute("data-job-id")
         job = client.get(f"/jobs/{job_id}").json()
         assert job["status"] == "completed", job
-        yield AnalysedPage(driver, job_id, job["result"], progress)
+        yield AnalysedPage(driver, downloads, job_id, job["result"], progress)
 
 
 def test_the_progress_bar_follows_the_job_to_100(page):
@@ -190,6 +196,16 @@ def test_clicking_a_word_plays_from_it(page):
         assert abs(position - start) < 0.5, (span.text, start, position)
 
 
+@pytest.mark.parametrize("format", ["srt", "json"])
+def test_the_result_downloads_as_a_file(page, client, format):
+    page.driver.find_element(By.CSS_SELECTOR, f'button[data-format="{format}"]').click()
+    saved = page.downloads / f"{page.job_id}.{format}"
+    deadline = time.monotonic() + 30
+    while not saved.exists() and time.monotonic() < deadline:  # written as .crdownload, then renamed
+        time.sleep(0.2)
+    assert saved.read_bytes() == client.get(f"/jobs/{page.job_id}/result", params={"format": format}).content
+
+
 def test_the_browser_console_has_no_errors(page):
     """Last in this module: the log then covers the upload, the events, the drawing and the clicks."""
     entries = page.read_console()
@@ -207,6 +223,69 @@ def test_without_a_key_the_page_shows_the_servers_message(server):
             time.sleep(0.2)
         assert "API key" in driver.find_element(By.ID, "error").text
         assert driver.find_element(By.ID, "results").is_displayed() is False
+
+
+# The event stream's reading in the browser, against scripted responses: chunks cut anywhere (a CRLF
+# across two chunks), comments, multi-line data, a stream that errors and one that just ends, each
+# resumed with the last id; errors that no retry will mend. Real breaks are hard to cause on cue.
+STREAM_SCRIPT = """
+const done = arguments[arguments.length - 1];
+const encoder = new TextEncoder();
+// One chunk a read, then the end or a break (an error right away would drop the chunks not read yet).
+const stream = (chunks, fail) => new ReadableStream({
+  pull(controller) {
+    if (chunks.length) controller.enqueue(encoder.encode(chunks.shift()));
+    else if (fail) controller.error(new TypeError("network error"));
+    else controller.close();
+  },
+});
+const sse = (status, chunks, fail = false) =>
+  new Response(stream(chunks, fail), { status, headers: { "content-type": "text/event-stream" } });
+const view = (progress, status = "processing") => JSON.stringify({ job_id: "j", status, progress });
+(async () => {
+  const app = await import("/static/app.js");
+  const parsed = [];
+  const chunks = ["retry: 1000\\n\\n: keep-alive\\n\\nid: f-1\\nevent: progress\\ndata: {\\"progress\\": 1",
+                  "0}\\r", "\\n\\r\\nid: f-2\\ndata: line1\\ndata:line2\\n\\n", "event: completed\\ndata: {}\\n\\n"];
+  for await (const event of app.serverSentEvents(stream(chunks, false))) parsed.push(event);
+  const answers = [
+    sse(200, [`id: f-1\\nevent: progress\\ndata: ${view(10)}\\n\\n`], true),
+    sse(200, [`: keep-alive\\n\\nid: f-2\\nevent: progress\\ndata: ${view(50)}\\n\\n`]),
+    sse(200, [`id: f-3\\nevent: completed\\ndata: ${view(100, "completed")}\\n\\n`]),
+    new Response('{"error": "unknown_job", "message": "no job j"}', { status: 404 }),
+  ];
+  const asked = [];
+  const realFetch = window.fetch;
+  window.fetch = async (url, init) => (asked.push([url, init.headers]), answers.shift());
+  document.getElementById("api-key").value = "key-1";
+  const updates = [];
+  try {
+    const final = await app.followJob("j", (v) => updates.push(v.progress), new AbortController().signal);
+    let refused = null;
+    await app.followJob("j", () => {}, new AbortController().signal).catch((e) => (refused = [e.status, e.message]));
+    done({ parsed, final: final.type, updates, asked, refused });
+  } finally {
+    window.fetch = realFetch;
+  }
+})().catch((error) => done({ error: String(error) }));
+"""
+
+
+def test_the_event_stream_is_parsed_and_resumed(server):
+    with chromium() as driver:
+        driver.get(server.url + "/")
+        out = driver.execute_async_script(STREAM_SCRIPT)
+    assert "error" not in out, out
+    assert out["parsed"] == [
+        {"type": "progress", "data": '{"progress": 10}', "id": "f-1"},
+        {"type": "message", "data": "line1\nline2", "id": "f-2"},
+        {"type": "completed", "data": "{}", "id": "f-2"},  # an id holds until the next one
+    ]
+    assert out["final"] == "completed" and out["updates"] == [10, 50, 100]
+    assert [url for url, _ in out["asked"]] == ["/jobs/j/events"] * 4
+    assert [headers.get("last-event-id") for _, headers in out["asked"]] == [None, "f-1", "f-2", None]
+    assert all(headers["authorization"] == "Bearer key-1" for _, headers in out["asked"])
+    assert out["refused"] == [404, "no job j"]  # asked once: no retry mends a missing job
 
 
 # -- the page's routes over HTTP ------------------------------------------------------------------
@@ -260,5 +339,6 @@ def test_static_files_refuse_traversal(server, path):
         body = response.read().decode(errors="replace")
     finally:
         connection.close()
-    assert response.status == 404, (path, response.status, body[:200])
-    assert "import" not in body and "root:" not in body
+    # 404, or 401 where a ".." segment takes the path out of the open "/static/*" prefix: never a file.
+    assert response.status in (401, 404), (path, response.status, body[:200])
+    assert response.getheader("content-type") == "application/json" and "error" in json.loads(body)

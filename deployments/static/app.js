@@ -95,14 +95,15 @@ async function followJob(jobId, onUpdate, signal) {
   const url = `/jobs/${encodeURIComponent(jobId)}/events`;
   let lastId = null;
   let failures = 0;
+  let lastError = null;
   for (;;) {
     const headers = { accept: "text/event-stream" };
     if (lastId !== null) headers["last-event-id"] = lastId;
     try {
       const response = await fetch(url, { headers: withKey(headers), cache: "no-store", signal });
       if (!response.ok) {
-        const error = await errorOf(response);
-        if (response.status < 500) throw error; // no key, no such job: asking again will not help
+        lastError = await errorOf(response);
+        if (response.status < 500) throw lastError; // no key, no such job: asking again will not help
       } else {
         for await (const event of serverSentEvents(response.body)) {
           if (event.id !== null) lastId = event.id;
@@ -114,10 +115,11 @@ async function followJob(jobId, onUpdate, signal) {
       }
     } catch (error) {
       if (signal.aborted || error instanceof ApiError) throw error;
-      // the connection broke: open it again below
+      lastError = error; // the connection broke: open it again below
     }
     if (failures >= RECONNECT_DELAYS_MS.length) {
-      throw new Error("Lost the connection to the server; the job goes on: reload its status later.");
+      const reason = lastError ? ` (${lastError.message})` : "";
+      throw new Error(`Lost the job's progress stream${reason}; the job itself goes on on the server.`);
     }
     await sleep(RECONNECT_DELAYS_MS[failures++], signal);
   }
@@ -126,6 +128,7 @@ async function followJob(jobId, onUpdate, signal) {
 // -- the form ---------------------------------------------------------------------------------
 
 let running = null; // { controller, jobId } of the job this page follows
+let shownJob = null; // the job whose result the page shows
 let objectUrl = null; // the uploaded file, played by the <audio> element
 
 function request() {
@@ -170,7 +173,7 @@ async function analyze(event) {
     if (final.type === "completed") {
       const view = await api(`/jobs/${encodeURIComponent(accepted.job_id)}`, { signal: controller.signal });
       if (!view.result) throw new Error("The job completed but its result is missing.");
-      showResult(view.result, audio);
+      showResult(accepted.job_id, view.result, audio);
     } else if (final.type === "failed") {
       showError(final.view.error?.message || final.view.message || "The analysis failed.");
     } else {
@@ -219,7 +222,9 @@ function showError(message) {
 
 // -- the result -------------------------------------------------------------------------------
 
-function showResult(result, audioSource) {
+function showResult(jobId, result, audioSource) {
+  shownJob = jobId;
+  $("audio-note").hidden = true;
   const order = speakerOrder(result);
   const colour = new Map(order.map((id, i) => [id, speakerColour(i)]));
   const words = result.segments.flatMap((s) => s.words.map((w) => ({ ...w, speaker: s.speaker.speaker_id })));
@@ -251,6 +256,23 @@ function points(words, feature) {
   return words
     .map((w) => ({ t: w.start, v: w.acoustic_features[feature], speaker: w.speaker, word: w.word }))
     .filter((p) => Number.isFinite(p.v)); // words without voiced frames have no pitch
+}
+
+// The result as a file: fetched with the key (a plain link could not send it), then saved.
+async function download(format) {
+  try {
+    const response = await fetch(`/jobs/${encodeURIComponent(shownJob)}/result?format=${format}`, {
+      headers: withKey(),
+    });
+    if (!response.ok) throw await errorOf(response);
+    const link = element("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = `${shownJob}.${format}`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
+  } catch (error) {
+    showError(error.message);
+  }
 }
 
 function playFrom(seconds) {
@@ -513,6 +535,13 @@ function start() {
     }
   });
   $("audio").addEventListener("timeupdate", markCurrentWord);
+  $("audio").addEventListener("error", () => ($("audio-note").hidden = !$("audio").getAttribute("src")));
+  for (const button of document.querySelectorAll("[data-format]")) {
+    button.addEventListener("click", () => download(button.dataset.format));
+  }
 }
 
 start();
+
+// For tests in the browser (tests/test_web.py): the stream reading, without a server.
+export { followJob, serverSentEvents };
