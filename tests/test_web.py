@@ -225,6 +225,29 @@ def test_without_a_key_the_page_shows_the_servers_message(server):
         assert driver.find_element(By.ID, "results").is_displayed() is False
 
 
+def wait_until(driver: WebDriver, script: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not driver.execute_script(script):
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {script}"
+        time.sleep(0.2)
+
+
+def test_cancel_from_the_page(server, client):
+    with chromium() as driver:
+        driver.get(server.url + "/")
+        driver.find_element(By.ID, "api-key").send_keys(API_KEY)
+        driver.find_element(By.ID, "file").send_keys(str(fixture_path("conversation_4spk.flac")))  # 75 s
+        driver.find_element(By.ID, "analyze").click()
+        wait_until(driver, "return document.getElementById('job-id').dataset.jobId", 60)
+        job_id = driver.find_element(By.ID, "job-id").get_attribute("data-job-id")
+        driver.find_element(By.ID, "cancel").click()
+        wait_until(driver, "return document.getElementById('error').textContent", 60)
+        assert driver.find_element(By.ID, "error").text == "The job was cancelled."
+        assert driver.find_element(By.ID, "job-status").text == "cancelled"
+        assert driver.find_element(By.ID, "analyze").is_enabled()
+    assert client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+
+
 # The event stream's reading in the browser, against scripted responses: chunks cut anywhere (a CRLF
 # across two chunks), comments, multi-line data, a stream that errors and one that just ends, each
 # resumed with the last id; errors that no retry will mend. Real breaks are hard to cause on cue.

@@ -167,7 +167,6 @@ async function analyze(event) {
     showJob({ job_id: "", status: "uploading", progress: 0, message: "Sending the media…" });
     const accepted = await api(JOBS, { ...init, method: "POST", signal: controller.signal });
     job.jobId = accepted.job_id;
-    $("cancel").hidden = false;
     showJob(accepted);
     const final = await followJob(accepted.job_id, showJob, controller.signal);
     if (final.type === "completed") {
@@ -191,7 +190,12 @@ async function analyze(event) {
 }
 
 async function cancel() {
-  if (!running?.jobId) return;
+  if (!running) return;
+  if (!running.jobId) {
+    running.controller.abort(); // still uploading: no job yet
+    showError("Upload cancelled.");
+    return;
+  }
   try {
     await api(`/jobs/${encodeURIComponent(running.jobId)}`, { method: "DELETE" });
   } catch (error) {
