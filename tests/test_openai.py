@@ -82,6 +82,8 @@ def test_speakers_are_named_in_order_of_appearance(result):
     assert set(named.speakers) == {"Ann", "Ben", "SPEAKER_02"}
     assert named.speakers["Ann"] is result.speakers["SPEAKER_01"]
     assert result.segments[0].speaker.speaker_id == "SPEAKER_01"  # the result itself is untouched
+    with pytest.raises(ValidationError, match="own speaker ids"):  # it would merge with that speaker
+        form(known_speaker_names=["Ann", "SPEAKER_02"])
 
 
 def test_each_format_renders(result):
