@@ -647,6 +647,7 @@ class Ingress:
         headers = {"x-job-id": job_id}
         if form.stream:
             events = await asyncio.to_thread(transcript_events, result, form)
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})  # as /jobs/{id}/events
             return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
         rendered = await asyncio.to_thread(render_transcription, result, form)  # a long file's words: not on the loop
         return Response(rendered.body, media_type=rendered.media_type, headers=headers)

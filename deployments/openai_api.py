@@ -52,7 +52,7 @@ from pipeline.errors import (
     NotMediaFile,
     UnsupportedLanguage,
 )
-from pipeline.formats import render
+from pipeline.formats import FORMATS, render
 from pipeline.schemas import AnalysisResult, Segment, SpeakerRef
 
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt", "diarized_json"]
@@ -275,7 +275,8 @@ class Rendered:
     media_type: str
 
 
-MEDIA_TYPES = {"text": "text/plain; charset=utf-8", "srt": "text/plain; charset=utf-8", "vtt": "text/vtt"}
+# Subtitles as the product's own exports serve them (pipeline.formats); OpenAI's clients read any as text.
+MEDIA_TYPES = {"text": "text/plain; charset=utf-8", **{f: FORMATS[f].media_type for f in ("srt", "vtt")}}
 
 
 def render_transcription(result: AnalysisResult, form: TranscriptionForm) -> Rendered:
@@ -466,11 +467,12 @@ def validation_param(errors: list[dict[str, Any]]) -> str | None:
 TRANSCRIPTION_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "model": Transcription | TranscriptionVerbose | TranscriptionDiarized,
-        "description": "json, verbose_json or diarized_json; text and srt as text/plain, vtt as text/vtt; "
+        "description": "json, verbose_json or diarized_json; text as text/plain, srt and vtt as the subtitle types; "
         "with `stream=true`, server-sent events of `transcript.text.delta`, `transcript.text.segment` and "
         "`transcript.text.done`",
         "content": {
             "text/plain": {"schema": {"type": "string"}},
+            "application/x-subrip": {"schema": {"type": "string"}},
             "text/vtt": {"schema": {"type": "string"}},
             "text/event-stream": {"schema": {"type": "string"}},
         },

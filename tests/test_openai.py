@@ -9,6 +9,7 @@ its own.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,8 @@ import openai
 import openai.types.audio as audio_types
 import pytest
 import schemathesis
+import srt
+import webvtt
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from pydantic import ValidationError
@@ -104,7 +107,7 @@ def test_each_format_renders(result):
     srt = render_transcription(result, form(response_format="srt", known_speaker_names=["Ann"])).body
     assert "00:00:00,000 --> 00:00:01,500" in srt and "Ann" in srt
     vtt = render_transcription(result, form(response_format="vtt"))
-    assert vtt.body.startswith("WEBVTT") and vtt.media_type == "text/vtt"
+    assert vtt.body.startswith("WEBVTT") and vtt.media_type.startswith("text/vtt")
 
 
 def test_stream_deltas_add_up_to_the_text(result):
@@ -298,31 +301,26 @@ def test_text_is_plain_text(calls):
     assert wer(body, CLIP_TURNS) <= 0.15
 
 
-def cues(subtitles: str) -> list[tuple[float, float, str]]:
-    """(start, end, text) of each cue of an SRT or WebVTT document."""
-    time = r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)"
-    found = []
-    for block in re.split(r"\n\s*\n", subtitles.strip()):
-        lines = block.strip().splitlines()
-        timing = next((i for i, line in enumerate(lines) if "-->" in line), None)
-        if timing is None:
-            continue  # the WEBVTT header
-        start, end = (re.search(time, part).groups() for part in lines[timing].split("-->"))
-        seconds = [int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000 for h, m, s, ms in (start, end)]
-        text = re.sub(r"^\[[^\]]*\]\s*|<[^>]*>", "", " ".join(lines[timing + 1 :]))
-        found.append((seconds[0], seconds[1], text))
-    return found
+def seconds(stamp: str) -> float:
+    hours, minutes, rest = stamp.split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+
+
+def cues(subtitles: str, fmt: str) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each cue, read by parsers that are not ours (srt, webvtt-py)."""
+    if fmt == "srt":
+        return [
+            (c.start.total_seconds(), c.end.total_seconds(), re.sub(r"^\[[^\]]*\]\s*", "", c.content))
+            for c in srt.parse(subtitles)
+        ]
+    return [(seconds(c.start), seconds(c.end), c.text) for c in webvtt.from_buffer(io.StringIO(subtitles))]
 
 
 @pytest.mark.parametrize("fmt", ["srt", "vtt"])
 def test_subtitles_parse_and_carry_the_transcript(calls, fmt):
     body = answer(calls, fmt)
     assert isinstance(body, str)
-    if fmt == "vtt":
-        assert body.startswith("WEBVTT")
-    else:
-        assert body.lstrip().startswith("1\n")
-    parsed = cues(body)
+    parsed = cues(body, fmt)
     assert parsed and all(0 <= start < end <= 11.35 for start, end, _ in parsed)
     assert [start for start, _, _ in parsed] == sorted(start for start, _, _ in parsed)
     assert wer(" ".join(text for _, _, text in parsed), CLIP_TURNS) <= 0.15
