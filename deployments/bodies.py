@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
@@ -67,12 +67,27 @@ async def read_form(request: Request, model: type[M], limit: int, spool_dir: Pat
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise InputError("a multipart request needs the media in a `file` field")
-        fields = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
-        body = model.model_validate(fields)  # before the copy: a bad field costs no disk
+        body = model.model_validate(form_fields(form))  # before the copy: a bad field costs no disk
         upload = await _spool(file, limit, spool_dir)
         return body, upload
     finally:
         await form.close()
+
+
+def form_fields(form: FormData) -> dict[str, str | list[str]]:
+    """The text fields of a form, empty ones left out. A name ending in `[]` may repeat (the array
+    convention of OpenAI's clients, `timestamp_granularities[]=word`): its values come as a list under
+    the name without brackets. Any other name counts once, with its last value."""
+    scalars: dict[str, str | list[str]] = {}
+    lists: dict[str, list[str]] = {}
+    for key, value in form.multi_items():
+        if not isinstance(value, str) or value == "":
+            continue
+        if key.endswith("[]"):
+            lists.setdefault(key.removesuffix("[]"), []).append(value)
+        else:
+            scalars[key] = value
+    return {**scalars, **lists}
 
 
 async def _limited(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:

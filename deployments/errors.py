@@ -7,6 +7,7 @@ import logging
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
+from deployments.openai_api import UnknownModel
 from pipeline.errors import (
     AnalyzerError,
     AudioTooLong,
@@ -64,6 +65,7 @@ HTTP_STATUS: dict[type[AnalyzerError], int] = {
     PathNotAllowed: 403,
     SourceNotFound: 404,
     UnknownJob: 404,
+    UnknownModel: 404,
     JobExists: 409,
     JobStateConflict: 409,
     FileTooLarge: 413,

@@ -57,8 +57,10 @@ class Graph:
             return await self._call("extraction", "load_upload", str(source.path), source.filename)
         return await self._call("extraction", "load", source)
 
-    async def transcribe(self, audio: Any, language: str, progress: ProgressHook) -> Transcript:
-        return (await self._call("transcription", "transcribe", audio, language, progress))[0]
+    async def transcribe(
+        self, audio: Any, language: str, progress: ProgressHook, prompt: str | None = None
+    ) -> Transcript:
+        return (await self._call("transcription", "transcribe", audio, language, progress, prompt))[0]
 
     async def diarize(self, audio: Any, options: AnalysisOptions, progress: ProgressHook) -> Diarization:
         counts = (options.num_speakers, options.min_speakers, options.max_speakers)

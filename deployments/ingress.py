@@ -46,6 +46,22 @@ from deployments.events import JobEvent
 from deployments.graph import Graph
 from deployments.jobs import Job, JobError, JobSpec, JobView, job_key
 from deployments.metrics import GraphMetrics
+from deployments.openai_api import ERRORS as OPENAI_ERRORS
+from deployments.openai_api import (
+    FORM_BODY,
+    TRANSCRIPTION_RESPONSES,
+    ModelCard,
+    ModelList,
+    TranscriptionForm,
+    error_param,
+    is_openai_path,
+    openai_error,
+    render_transcription,
+    served_model,
+    served_models,
+    transcript_events,
+    validation_param,
+)
 from deployments.progress import TrackerProgress
 from deployments.tracker import job_tracker
 from deployments.webpage import HEADERS as PAGE_HEADERS
@@ -90,6 +106,15 @@ app = FastAPI(
 )
 
 
+def _error(
+    request: Request, status: int, code: str, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    """An error in the product's `ErrorBody`, or in OpenAI's shape on the OpenAI-compatible routes."""
+    if is_openai_path(request.url.path):
+        return JSONResponse(openai_error(status, code, message, param), status, headers=headers)
+    return JSONResponse(ErrorBody(error=code, message=message).model_dump(), status, headers=headers)
+
+
 @app.exception_handler(AnalyzerError)
 async def _analyzer_error(request: Request, error: AnalyzerError) -> JSONResponse:
     headers = None
@@ -97,27 +122,29 @@ async def _analyzer_error(request: Request, error: AnalyzerError) -> JSONRespons
         headers = {"retry-after": "30"}
     elif isinstance(error, Unauthorized):
         headers = {"www-authenticate": "Bearer"}
-    return JSONResponse(
-        ErrorBody(error=error.code, message=str(error)).model_dump(), http_status(error), headers=headers
-    )
+    return _error(request, http_status(error), error.code, str(error), error_param(error), headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
     message = "; ".join(f"{'.'.join(map(str, e['loc'][1:])) or 'body'}: {e['msg']}" for e in error.errors())
-    return JSONResponse(ErrorBody(error="invalid_input", message=message).model_dump(), 422)
+    if is_openai_path(request.url.path):  # OpenAI answers a bad parameter with 400 and names it
+        return _error(request, 400, "invalid_value", message, validation_param(list(error.errors())))
+    return _error(request, 422, "invalid_input", message)
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    return JSONResponse(ErrorBody(error="http_error", message=str(error.detail)).model_dump(), error.status_code)
+    message = str(error.detail)
+    if is_openai_path(request.url.path) and error.status_code in (404, 405):
+        message = f"Invalid URL ({request.method} {request.url.path})"  # OpenAI's words for a route it lacks
+    return _error(request, error.status_code, "http_error", message)
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = ErrorBody(error="internal_error", message="internal error; see the server log")
-    return JSONResponse(body.model_dump(), 500)
+    return _error(request, 500, "internal_error", "internal error; see the server log")
 
 
 EVENT_WAIT_S = 15.0  # a keep-alive comment this often while a job is quiet: proxies close silent streams
@@ -609,3 +636,74 @@ class Ingress:
 
     def _report_occupancy(self) -> None:
         self._metrics.occupancy(self._running)
+
+    # -- OpenAI-compatible API (deployments.openai_api) ------------------------
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: OPENAI_ERRORS[401]})
+    async def openai_models(self, request: Request) -> ModelList:
+        """The models of `POST /v1/audio/transcriptions`: the configured Whisper model and OpenAI's names
+        for it, all running the same full analysis."""
+        self._caller(request)
+        return served_models(self._settings.asr.model)
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses={k: OPENAI_ERRORS[k] for k in (401, 404)})
+    async def openai_model(self, request: Request, model: str) -> ModelCard:
+        self._caller(request)
+        return served_model(model, self._settings.asr.model)
+
+    @app.post(
+        "/v1/audio/transcriptions",
+        response_model=None,
+        responses=TRANSCRIPTION_RESPONSES,
+        openapi_extra=FORM_BODY,
+    )
+    async def openai_transcription(self, request: Request) -> Response:
+        """OpenAI's transcription API: the full analysis of `file`, answered as `response_format` asks.
+
+        Synchronous, and recorded as a job like `/transcribe` (its id in `x-job-id`).
+        """
+        owner = self._caller(request)
+        await self._check_capacity()  # before an upload is read and spooled, not after
+        form, upload = await self._read_openai_form(request)
+        job_id = uuid.uuid4().hex
+        result = await self._analyse_upload(owner, job_id, form, upload)
+        headers = {"x-job-id": job_id}
+        if form.stream:
+            events = await asyncio.to_thread(transcript_events, result, form)
+            headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})  # as /jobs/{id}/events
+            return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+        rendered = await asyncio.to_thread(render_transcription, result, form)  # a long file's words: not on the loop
+        return Response(rendered.body, media_type=rendered.media_type, headers=headers)
+
+    async def _read_openai_form(self, request: Request) -> tuple[TranscriptionForm, SpooledUpload]:
+        if media_type(request) != "multipart/form-data":
+            raise UnsupportedMediaType("send multipart/form-data with the audio as `file`, as OpenAI's API takes it")
+        try:
+            spool = self._settings.server.upload_dir
+            return await read_form(request, TranscriptionForm, self._settings.media.max_file_bytes, spool)
+        except ValidationError as e:
+            raise _invalid(e) from e
+
+    async def _analyse_upload(
+        self, owner: str, job_id: str, form: TranscriptionForm, upload: SpooledUpload
+    ) -> AnalysisResult:
+        """Run the analysis here, now, as `/transcribe` does; the upload is the job's once it is stored."""
+        stored = False  # once stored, the upload is the job's: the tracker deletes it when the job ends
+        try:
+            served_model(form.model, self._settings.asr.model)
+            options = form.analysis_options()
+            async with self._slots:
+                spec, token = _spec(upload, options), self._token()
+                try:
+                    await _answer(self._tracker.submit.remote(owner, job_id, spec, upload.filename, None, worker=token))
+                except asyncio.CancelledError:
+                    stored = True  # the client left mid-submit: it may be stored already (else the sweeper takes it)
+                    raise
+                stored = True
+                try:
+                    return await self._run(job_key(owner, job_id), spec, token)
+                except LeaseLost:
+                    raise JobStateConflict(f"job {job_id} was cancelled") from None
+        finally:
+            if not stored:
+                _discard(upload)

@@ -38,8 +38,10 @@ class Transcription:
         self._batched.set_max_batch_size(config.max_batch_size)
         self._batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    async def transcribe(self, audio: Audio, language: str | None, progress: ProgressHook) -> Transcript:
-        outcome = await self._batched(TranscriptionRequest(audio.samples, language, progress))
+    async def transcribe(
+        self, audio: Audio, language: str | None, progress: ProgressHook, prompt: str | None = None
+    ) -> Transcript:
+        outcome = await self._batched(TranscriptionRequest(audio.samples, language, progress, prompt))
         if isinstance(outcome, AnalyzerError):
             raise outcome  # one request's bad input must not fail the others in its batch
         return outcome

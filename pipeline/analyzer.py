@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 # Rough share of wall time per stage on CPU, so overall progress moves evenly.
 STAGE_WEIGHTS = {"media": 5, "transcription": 55, "diarization": 30, "acoustics": 5, "assembly": 5}
+MAX_PROMPT_CHARS = 2000  # several times what Whisper keeps (223 tokens): more is a mistake, not a prompt
 
 
 class AnalysisOptions(BaseModel):
@@ -41,6 +42,12 @@ class AnalysisOptions(BaseModel):
     num_speakers: int | None = Field(None, ge=1, description="Exact number of speakers, when known.")
     min_speakers: int | None = Field(None, ge=1)
     max_speakers: int | None = Field(None, ge=1)
+    prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Text Whisper reads as if it came just before each stretch of speech: names, spellings, "
+        "style. Whisper keeps its last 223 tokens.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> AnalysisOptions:
@@ -73,7 +80,9 @@ class Stages(Protocol):
 
     async def load(self, source: Source) -> tuple[Audio, Any]: ...
 
-    async def transcribe(self, audio: Any, language: str, progress: ProgressHook) -> Transcript: ...
+    async def transcribe(
+        self, audio: Any, language: str, progress: ProgressHook, prompt: str | None = None
+    ) -> Transcript: ...
 
     async def diarize(self, audio: Any, options: AnalysisOptions, progress: ProgressHook) -> Diarization: ...
 
@@ -91,7 +100,7 @@ async def run_analysis(
     progress("media", 1.0, f"decoded {audio.duration:.1f} s of audio")
 
     middle: dict[str, Callable[[], Awaitable[Any]]] = {
-        "transcription": lambda: stages.transcribe(ref, options.language, progress),
+        "transcription": lambda: stages.transcribe(ref, options.language, progress, options.prompt),
         "diarization": lambda: stages.diarize(ref, options, progress),
         "acoustics": lambda: stages.tracks(ref, progress),
     }
@@ -142,8 +151,10 @@ class Analyzer:
             audio = await asyncio.to_thread(self.media.load, source)
         return audio, audio.samples
 
-    async def transcribe(self, audio: Any, language: str, progress: ProgressHook) -> Transcript:
-        return await asyncio.to_thread(self.transcriber.transcribe, audio, language, progress)
+    async def transcribe(
+        self, audio: Any, language: str, progress: ProgressHook, prompt: str | None = None
+    ) -> Transcript:
+        return await asyncio.to_thread(self.transcriber.transcribe, audio, language, progress, prompt)
 
     async def diarize(self, audio: Any, options: AnalysisOptions, progress: ProgressHook) -> Diarization:
         counts = (options.num_speakers, options.min_speakers, options.max_speakers)

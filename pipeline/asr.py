@@ -93,6 +93,7 @@ class TranscriptionRequest:
     samples: np.ndarray
     language: str | None
     progress: ProgressHook = no_progress
+    prompt: str | None = None  # see `AnalysisOptions.prompt`
 
 
 @dataclass
@@ -110,7 +111,9 @@ class SpeechRecognizer(Protocol):
     model_name: str
     device: str
 
-    def transcribe(self, samples: np.ndarray, language: str | None, progress: ProgressHook) -> Transcript: ...
+    def transcribe(
+        self, samples: np.ndarray, language: str | None, progress: ProgressHook, prompt: str | None = None
+    ) -> Transcript: ...
 
 
 def supported_languages() -> tuple[str, ...]:
@@ -169,8 +172,14 @@ class WhisperXTranscriber:
     def english_only(self) -> bool:
         return not self._model.model.is_multilingual
 
-    def transcribe(self, samples: np.ndarray, language: str | None, progress: ProgressHook = no_progress) -> Transcript:
-        (outcome,) = self.transcribe_batch([TranscriptionRequest(samples, language, progress)])
+    def transcribe(
+        self,
+        samples: np.ndarray,
+        language: str | None,
+        progress: ProgressHook = no_progress,
+        prompt: str | None = None,
+    ) -> Transcript:
+        (outcome,) = self.transcribe_batch([TranscriptionRequest(samples, language, progress, prompt)])
         if isinstance(outcome, AnalyzerError):
             raise outcome
         return outcome
@@ -178,10 +187,11 @@ class WhisperXTranscriber:
     def transcribe_batch(self, requests: list[TranscriptionRequest]) -> list[Transcript | AnalyzerError]:
         """Transcribe several files, decoding their speech chunks together.
 
-        Files of one language are laid end to end on one timeline, and their
-        VAD chunks go to Whisper as one list of clips, so `batch_size` chunks
-        of different files share each model call. A file's own error (bad
-        language) is returned in its place instead of failing the others.
+        Files of one language (and one prompt) are laid end to end on one
+        timeline, and their VAD chunks go to Whisper as one list of clips, so
+        `batch_size` chunks of different files share each model call. A file's
+        own error (bad language) is returned in its place instead of failing
+        the others.
         """
         outcomes: list[Transcript | AnalyzerError | None] = [None] * len(requests)
         prepared: dict[int, _Prepared] = {}
@@ -190,11 +200,12 @@ class WhisperXTranscriber:
                 prepared[i] = self._prepare(request)
             except AnalyzerError as e:
                 outcomes[i] = e
-        by_language: dict[str, list[int]] = {}
+        # The prompt is an argument of the whole decoding call: files asking for different ones decode apart.
+        groups: dict[tuple[str, str | None], list[int]] = {}
         for i, p in prepared.items():
-            by_language.setdefault(p.language, []).append(i)
-        for language, indices in by_language.items():
-            decoded = self._decode_together(language, [prepared[i] for i in indices])
+            groups.setdefault((p.language, p.request.prompt), []).append(i)
+        for (language, prompt), indices in groups.items():
+            decoded = self._decode_together(language, prompt, [prepared[i] for i in indices])
             for i, segments in zip(indices, decoded, strict=True):
                 outcomes[i] = self._finish(prepared[i], segments)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
@@ -263,7 +274,9 @@ class WhisperXTranscriber:
         audio = np.concatenate([samples[int(s * SAMPLE_RATE) : int(e * SAMPLE_RATE)] for s, e in pieces])
         return pad_or_trim(self._model.feature_extractor(audio))
 
-    def _decode_together(self, language: str, files: list[_Prepared]) -> list[list[TranscriptSegment]]:
+    def _decode_together(
+        self, language: str, prompt: str | None, files: list[_Prepared]
+    ) -> list[list[TranscriptSegment]]:
         offsets = np.cumsum([0] + [len(f.request.samples) for f in files[:-1]])
         clips = [
             {"start": c["start"] + offset / SAMPLE_RATE, "end": c["end"] + offset / SAMPLE_RATE}
@@ -279,6 +292,7 @@ class WhisperXTranscriber:
             language=language,
             batch_size=self._settings.batch_size,
             beam_size=self._settings.beam_size,
+            initial_prompt=prompt,  # a per-call argument: nothing shared with other calls is changed
             vad_filter=False,
             clip_timestamps=clips,
             chunk_length=int(self._settings.chunk_size_s),

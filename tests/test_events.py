@@ -185,3 +185,14 @@ def test_result_export_errors(client):
     if early.status_code != 200:  # it may have finished already on a fast machine
         assert early.status_code == 409 and early.json()["error"] == "job_state"
     read_events(client, "events-early")  # waits for the end, so no job is left running
+
+
+def test_openapi_documents_events_and_exports(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "text/event-stream" in paths["/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    export = paths["/jobs/{job_id}/result"]["get"]
+    assert {"text/vtt", "application/x-subrip", "text/tab-separated-values"} <= set(
+        export["responses"]["200"]["content"]
+    )
+    (fmt,) = [p for p in export["parameters"] if p["name"] == "format"]
+    assert set(fmt["schema"]["enum"]) == {"json", "srt", "vtt", "rttm", "txt", "tsv"}

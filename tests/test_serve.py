@@ -304,8 +304,14 @@ def test_cancel_then_retry_over_http(client, receiver):
 def test_openapi_documents_every_route(client):
     spec = client.get("/openapi.json").json()
     assert {"/health", "/transcribe", JOBS, "/jobs/{job_id}", "/jobs/{job_id}/retry"} <= set(spec["paths"])
+    assert {"/v1/audio/transcriptions", "/v1/models", "/v1/models/{model}"} <= set(spec["paths"])
+    openai_form = spec["paths"]["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert {"file", "model", "response_format", "timestamp_granularities[]"} <= set(openai_form["schema"]["properties"])
     assert {"get", "delete"} <= set(spec["paths"]["/jobs/{job_id}"])
     assert {"AnalysisResult", "AnalysisRequest", "JobView", "JobAccepted", "ErrorBody", "Health"} <= set(
+        spec["components"]["schemas"]
+    )
+    assert {"TranscriptionVerbose", "TranscriptionDiarized", "ModelList", "OpenAIErrorBody"} <= set(
         spec["components"]["schemas"]
     )
     content = spec["paths"][JOBS]["post"]["requestBody"]["content"]
