@@ -156,6 +156,14 @@ class DiarizationSettings(BaseModel):
         description="Spectral clustering of short files (fewer than 12 embeddings): clusters whose centroids are "
         "more cosine-similar than this merge.",
     )
+    blend_fit: float = Field(
+        0.97,
+        ge=0,
+        le=1,
+        description="Spectral clustering: a cluster whose centroid lies closer than this (cosine to its "
+        "projection) to the plane of two other clusters' centroids is a mix of those two voices, not a voice; 1 "
+        "keeps every cluster.",
+    )
     clustering_threshold: float = Field(
         0.6, description="Agglomerative clustering: centroid distance threshold (0-2, unit embeddings)."
     )

@@ -187,6 +187,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
             "sharpness": settings.spectral_sharpness,
             "merge_ratio": settings.merge_ratio,
             "merge_threshold": settings.merge_threshold,
+            "blend_fit": settings.blend_fit,
         }
     else:
         clustering = {"method": "centroid", "min_cluster_size": 3, "threshold": settings.clustering_threshold}
