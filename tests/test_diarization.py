@@ -345,3 +345,24 @@ def test_mixes_of_two_voices_are_not_a_third_speaker():
     x[truth_labels == 2] = third + 0.05 * rng.normal(size=(30, EMBEDDING_DIM)) / np.sqrt(EMBEDDING_DIM)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     assert len(set(spectral().cluster(x, 1, len(x)))) == 3
+
+
+def test_segmentation_on_onnxruntime_matches_torch():
+    """On CPU the embedded segmentation model runs on ONNX Runtime (exported from its own
+    weights at load): its scores must be torch's, on real speech."""
+    from pyannote.audio import Model
+
+    from pipeline.embedded import segmentation_checkpoint
+    from pipeline.onnx_segmentation import run_with_onnxruntime
+
+    samples, _ = sf.read(fixture_path("conversation_4spk.flac"), dtype="float32")
+    chunks = torch.from_numpy(np.stack([samples[i * SR : (i + 10) * SR] for i in (0, 20, 40)]))[:, None]
+    model = Model.from_pretrained(str(segmentation_checkpoint("pyannote-3.0"))).eval()
+    with torch.inference_mode():
+        expected = model(chunks)
+        run_with_onnxruntime(model, threads=2)
+        assert "forward" in vars(model)  # replaced, not left on torch by a failed export
+        got = model(chunks)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-3)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.999
