@@ -129,10 +129,10 @@ class DiarizationSettings(BaseModel):
         0.25, description="Embedded pipeline: step between segmentation chunks, as a ratio of the chunk length."
     )
     segmentation_batch_size: int = 32
-    segmentation_onnx: bool = Field(
+    onnxruntime: bool = Field(
         True,
-        description="Embedded pipeline on CPU: run the segmentation model with ONNX Runtime (exported from its "
-        "weights at load, same outputs to 1e-4, about 1.6x faster than torch); false keeps torch.",
+        description="Embedded pipeline on CPU: run the segmentation model and CAM++'s trunk with ONNX Runtime "
+        "(exported from their weights at load, same outputs to 1e-4, faster than torch); false keeps torch.",
     )
     clustering: Literal["spectral", "agglomerative"] = Field(
         "spectral",

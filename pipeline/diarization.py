@@ -88,10 +88,12 @@ class PyannoteDiarizer:
             self._pipeline = load_pretrained_pipeline(settings)
             self.model_name = settings.pipeline
         self._pipeline.to(torch.device(self.device))
-        if settings.pipeline == "embedded" and settings.segmentation_onnx and self.device == "cpu":
-            from pipeline.onnx_segmentation import run_with_onnxruntime
+        if settings.pipeline == "embedded" and settings.onnxruntime and self.device == "cpu":
+            from pipeline.onnx_runtime import campplus_on_onnxruntime, segmentation_on_onnxruntime
 
-            run_with_onnxruntime(self._pipeline._segmentation.model, torch.get_num_threads())
+            threads = torch.get_num_threads()
+            segmentation_on_onnxruntime(self._pipeline._segmentation.model, threads)
+            campplus_on_onnxruntime(self._pipeline._embedding.model_.encoder, threads)
 
     def check(self) -> None:
         """ModelError unless the pipeline's device still computes (no inference)."""

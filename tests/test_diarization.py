@@ -353,16 +353,38 @@ def test_segmentation_on_onnxruntime_matches_torch():
     from pyannote.audio import Model
 
     from pipeline.embedded import segmentation_checkpoint
-    from pipeline.onnx_segmentation import run_with_onnxruntime
+    from pipeline.onnx_runtime import segmentation_on_onnxruntime
 
     samples, _ = sf.read(fixture_path("conversation_4spk.flac"), dtype="float32")
     chunks = torch.from_numpy(np.stack([samples[i * SR : (i + 10) * SR] for i in (0, 20, 40)]))[:, None]
     model = Model.from_pretrained(str(segmentation_checkpoint("pyannote-3.0"))).eval()
     with torch.inference_mode():
         expected = model(chunks)
-        run_with_onnxruntime(model, threads=2)
+        segmentation_on_onnxruntime(model, threads=2)
         assert "forward" in vars(model)  # replaced, not left on torch by a failed export
         got = model(chunks)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-3)
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.999
+
+
+def test_campplus_trunk_on_onnxruntime_matches_torch():
+    """CAM++'s masked trunk on ONNX Runtime gives torch's frames for a padded batch of real
+    speech of lengths other than the export's example (odd and even, one longer than it)."""
+    from pipeline.onnx_runtime import campplus_on_onnxruntime
+
+    samples, _ = sf.read(fixture_path("conversation_4spk.flac"), dtype="float32")
+    features = [fbank(torch.from_numpy(samples[a * SR : b * SR])) for a, b in ((0, 7), (10, 13), (20, 26))]
+    features = [f[: len(f) - k] - f.mean(dim=0) for f, k in zip(features, (0, 1, 0), strict=True)]
+    lengths = [len(f) for f in features]
+    padded = torch.stack([torch.nn.functional.pad(f, (0, 0, 0, max(lengths) - len(f))) for f in features])
+    model = load_campplus(campplus_checkpoint())
+    with torch.inference_mode():
+        expected = model.frames(padded, lengths)
+        campplus_on_onnxruntime(model, threads=2)
+        assert "masked_trunk" in vars(model)  # replaced, not left on torch by a failed export
+        got = model.frames(padded, lengths)
+    assert got.shape == expected.shape
+    for i, n in enumerate(lengths):  # each input's own frames; what lies past its end is never read
+        own = (n + 1) // 2
+        assert torch.allclose(got[i, :, :own], expected[i, :, :own], atol=1e-3), i
