@@ -169,6 +169,13 @@ class DiarizationSettings(BaseModel):
         "projection) to the plane of two other clusters' centroids is a mix of those two voices, not a voice; 1 "
         "keeps every cluster.",
     )
+    split_ratio: float = Field(
+        0.8,
+        ge=0,
+        description="Spectral clustering: a cluster holding two local speakers of one chunk (the segmentation "
+        "hears two voices there), in two chunks or more, is split when its two halves are less than this share "
+        "as alike across as within; 0 never splits.",
+    )
     clustering_threshold: float = Field(
         0.6, description="Agglomerative clustering: centroid distance threshold (0-2, unit embeddings)."
     )

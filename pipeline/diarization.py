@@ -194,6 +194,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
             "merge_ratio": settings.merge_ratio,
             "merge_threshold": settings.merge_threshold,
             "blend_fit": settings.blend_fit,
+            "split_ratio": settings.split_ratio,
         }
     else:
         clustering = {"method": "centroid", "min_cluster_size": 3, "threshold": settings.clustering_threshold}

@@ -223,7 +223,12 @@ def voices_on_the_sphere(counts: list[int], spread: float, seed: int = 0) -> tup
 
 
 def spectral(
-    neighbours: int = 10, sharpness: float = 10.0, ratio: float = 0.97, merge: float = 0.8, blend: float = 0.97
+    neighbours: int = 10,
+    sharpness: float = 10.0,
+    ratio: float = 0.97,
+    merge: float = 0.8,
+    blend: float = 0.97,
+    split: float = 0.8,
 ):
     from pipeline.clustering import SpectralSpeakerClustering
 
@@ -235,6 +240,7 @@ def spectral(
             "merge_ratio": ratio,
             "merge_threshold": merge,
             "blend_fit": blend,
+            "split_ratio": split,
         }
     )
     return clustering
@@ -345,6 +351,42 @@ def test_mixes_of_two_voices_are_not_a_third_speaker():
     x[truth_labels == 2] = third + 0.05 * rng.normal(size=(30, EMBEDDING_DIM)) / np.sqrt(EMBEDDING_DIM)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     assert len(set(spectral().cluster(x, 1, len(x)))) == 3
+
+
+def a_voice_heard_once(second_voice_cosine: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings, chunk positions (1 = chunks that share no audio) and true labels of a short file:
+    voices 0 and 1 take turns; voice 2, at `second_voice_cosine` to voice 1, speaks once, in
+    four overlapping chunks where voice 1 speaks too (the segmentation's two local speakers)."""
+    rng = np.random.default_rng(5)
+    a, b, d = (v / np.linalg.norm(v) for v in rng.normal(size=(3, EMBEDDING_DIM)))
+    c = second_voice_cosine * b + np.sqrt(1 - second_voice_cosine**2) * d
+    x, chunks, truth = [], [], []
+    for i in range(40):
+        x.append(a if i % 2 else b)
+        chunks.append(float(i))
+        truth.append(1 - i % 2)
+    for j in range(4):
+        x += [c, b]
+        chunks += [40 + j / 4] * 2
+        truth += [2, 1]
+    x = np.array(x) + 0.08 * rng.normal(size=(len(x), EMBEDDING_DIM)) / np.sqrt(EMBEDDING_DIM)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.array(chunks), np.array(truth)
+
+
+def test_a_voice_heard_once_beside_another_is_split_off():
+    """A voice heard in one stretch has no neighbour of its own in the graph (its chunks share
+    audio) and joins the nearest voice; the segmentation telling the two apart within a chunk,
+    in more than one chunk, splits it off again. The same voice heard as two local speakers of a
+    chunk (a segmentation slip) stays one speaker."""
+    x, chunks, truth = a_voice_heard_once(0.7)
+    merged = spectral(split=0.0).cluster(x, 1, len(x), chunks=chunks)
+    assert len(set(merged)) == 2  # what happens without the split
+    labels = spectral().cluster(x, 1, len(x), chunks=chunks)
+    assert len(set(labels)) == 3
+    assert all(len(set(labels[truth == k])) == 1 for k in range(3))
+    one_voice, chunks, _ = a_voice_heard_once(1.0)
+    assert len(set(spectral().cluster(one_voice, 1, len(one_voice), chunks=chunks))) == 2
+    assert len(set(spectral().cluster(x, 1, 2, chunks=chunks))) == 2  # max_speakers still holds
 
 
 def test_segmentation_on_onnxruntime_matches_torch():
