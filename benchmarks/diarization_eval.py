@@ -152,11 +152,19 @@ class Evaluator:
                 setattr(pipeline, step, self._memoised(step, getattr(pipeline, step)))
 
     def _memoised(self, step: str, fn):
+        pipeline = self.diarizer._pipeline
+
         def call(file, *args, **kwargs):
+            # With the result, what the step left on the pipeline for later steps (its stretches).
             path = self._cache / f"{file['uri']}.{step}.pickle"
             if not path.exists():
-                path.write_bytes(pickle.dumps(fn(file, *args, **kwargs)))
-            return pickle.loads(path.read_bytes())
+                result = fn(file, *args, **kwargs)
+                state = {k: v for k, v in vars(pipeline).items() if k in ("_stretches", "_embeddings")}
+                path.write_bytes(pickle.dumps((result, state)))
+            result, state = pickle.loads(path.read_bytes())
+            for key, value in state.items():
+                setattr(pipeline, key, value)
+            return result
 
         return call
 

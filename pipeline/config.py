@@ -169,6 +169,12 @@ class DiarizationSettings(BaseModel):
         "projection) to the plane of two other clusters' centroids is a mix of those two voices, not a voice; 1 "
         "keeps every cluster.",
     )
+    reassign_stretches: bool = Field(
+        True,
+        description="Embedded pipeline: each stretch where one voice speaks alone goes to the speaker whose "
+        "centroid is nearest its own embedding, rather than with the rest of its chunk's local speaker (which "
+        "can be two voices); false keeps pyannote's assignment.",
+    )
     split_ratio: float = Field(
         0.8,
         ge=0,

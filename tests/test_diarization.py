@@ -389,6 +389,32 @@ def test_a_voice_heard_once_beside_another_is_split_off():
     assert len(set(spectral().cluster(x, 1, 2, chunks=chunks))) == 2  # max_speakers still holds
 
 
+def test_each_stretch_goes_to_the_speaker_nearest_its_own_embedding():
+    """pyannote gives a (chunk, local speaker) one speaker as a whole, though a local speaker can
+    be two voices at different moments; a stretch where one voice speaks alone goes to the speaker
+    nearest its own embedding, where one speaker is active. Overlap is left as it is."""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    from pipeline.diarization import TRUNK_FPS, Stretch, cluster_centroids, reassign_stretches
+
+    rng = np.random.default_rng(3)
+    a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, EMBEDDING_DIM)))
+    window = SlidingWindow(start=0.0, duration=0.02, step=0.02)  # 50 frames a second, as the trunk's
+    data = np.zeros((500, 2))
+    data[:, 0] = 1  # pyannote: speaker 0 throughout...
+    data[300:350, 1] = 1  # ...with speaker 1 overlapping from 6 to 7 s
+    # 0-4 s voice a alone, 4-8 s voice b (with pyannote's speaker 1 overlapping it from 6 to 7 s).
+    stretches = [Stretch(0, 4 * TRUNK_FPS, a), Stretch(4 * TRUNK_FPS, 8 * TRUNK_FPS, b)]
+    embeddings = np.stack([a, b])[None]  # one chunk, two local speakers: the clusters' members
+    centroids = cluster_centroids(embeddings, np.array([[0, 1]]), 2)
+    out = reassign_stretches(SlidingWindowFeature(data, window), stretches, centroids).data
+    assert (out[:200] == [1, 0]).all()  # voice a's stretch keeps speaker 0
+    assert (out[200:300] == [0, 1]).all() and (out[350:400] == [0, 1]).all()  # voice b's is speaker 1's
+    assert (out[300:350] == [1, 1]).all()  # overlap untouched
+    assert (out[400:] == [1, 0]).all()  # no stretch there: pyannote's
+    assert (data[200:300] == [1, 0]).all()  # the input is not modified
+
+
 def test_segmentation_on_onnxruntime_matches_torch():
     """On CPU the embedded segmentation model runs on ONNX Runtime (exported from its own
     weights at load): its scores must be torch's, on real speech."""
