@@ -182,6 +182,16 @@ class DiarizationSettings(BaseModel):
         "hears two voices there), in two chunks or more, is split when its two halves are less than this share "
         "as alike across as within; 0 never splits.",
     )
+    stretch_split_ratio: float = Field(
+        0.865,
+        ge=0,
+        description="Embedded pipeline: a speaker whose single-speaker stretches fall in two halves (2-means) "
+        "of at least `stretch_split_seconds` each, less than this share as alike across as within, is two "
+        "speakers (the segmentation can hear two close voices as one); 0 never splits.",
+    )
+    stretch_split_seconds: float = Field(
+        10.0, gt=0, description="Embedded pipeline: the least speech (s) of each half of a stretch split."
+    )
     clustering_threshold: float = Field(
         0.6, description="Agglomerative clustering: centroid distance threshold (0-2, unit embeddings)."
     )

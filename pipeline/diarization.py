@@ -182,6 +182,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
         segmentation_batch_size=settings.segmentation_batch_size,
     )
     pipeline.reassign_stretches = settings.reassign_stretches
+    pipeline.stretch_split = (settings.stretch_split_ratio, settings.stretch_split_seconds)
     params: dict[str, Any] = {"min_duration_off": settings.min_duration_off}
     if not segmentation.specifications.powerset:  # a multi-label model's activations need a threshold
         params["threshold"] = 0.5
@@ -265,6 +266,14 @@ def _embedded_pipeline_class() -> type:
         """
 
         reassign_stretches = True
+        stretch_split = (0.0, 0.0)  # (ratio, seconds): see `split_by_stretches`; ratio 0: never
+        _most_speakers: float = math.inf  # this call's bound on the count; 0: the count was given
+
+        def apply(self, file, num_speakers=None, min_speakers=None, max_speakers=None, **kwargs):
+            self._most_speakers = 0 if num_speakers else (max_speakers or math.inf)
+            return super().apply(
+                file, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers, **kwargs
+            )
 
         def get_embeddings(self, file, binary_segmentations, exclude_overlap=False, hook=None):
             encoder = self._embedding.model_.encoder
@@ -275,6 +284,9 @@ def _embedded_pipeline_class() -> type:
             return self._embeddings
 
         def reconstruct(self, segmentations, hard_clusters, count):
+            # First a speaker that is two merged voices may split (pyannote calls this
+            # twice per file, the same both times).
+            hard_clusters = self._split_by_stretches(hard_clusters)
             # Where the segmentation hears more voices at once than clustering found
             # speakers, pyannote pads a nameless extra speaker: a monologue with a
             # noisy "overlap" came out as two speakers. No frame can hold more
@@ -285,6 +297,13 @@ def _embedded_pipeline_class() -> type:
                 return discrete
             centroids = cluster_centroids(self._embeddings, hard_clusters, discrete.data.shape[1])
             return reassign_stretches(discrete, self._stretches, centroids)
+
+        def _split_by_stretches(self, hard_clusters: np.ndarray) -> np.ndarray:
+            ratio, seconds = self.stretch_split
+            count = int(hard_clusters.max()) + 1
+            if not ratio or count < 1 or count >= self._most_speakers or not self._stretches:
+                return hard_clusters
+            return split_by_stretches(self._embeddings, hard_clusters, self._stretches, ratio, seconds)
 
     return EmbeddedSpeakerDiarization
 
@@ -364,6 +383,43 @@ def reassign_stretches(discrete: Any, stretches: list[Stretch], centroids: np.nd
         rows[alone] = 0
         rows[alone, int(np.argmax(centroids @ stretch.embedding))] = 1
     return SlidingWindowFeature(data, window)
+
+
+MIN_SPLIT_STRETCH = TRUNK_FPS // 2  # trunk frames (0.5 s): shorter stretches' embeddings are too noisy to split on
+
+
+def split_by_stretches(
+    embeddings: np.ndarray, hard_clusters: np.ndarray, stretches: list[Stretch], ratio: float, seconds: float
+) -> np.ndarray:
+    """`hard_clusters` (chunks, local speakers) with one speaker split in two, if the stretches nearest
+    its centroid fall in two halves apart (see `clustering.stretch_halves`): each of its (chunk,
+    speaker) embeddings goes to the nearer half, the second numbered last.
+
+    Why: the segmentation can hear two close voices as one local speaker in every
+    chunk they share (dev: three men of one accent at close pitch), so the chunk
+    embeddings mix them and the clustering finds one speaker; the stretches
+    between pauses are still mostly one voice each, and their own embeddings
+    tell the two apart."""
+    from pipeline.clustering import stretch_halves
+
+    count = int(hard_clusters.max()) + 1
+    centroids = cluster_centroids(embeddings, hard_clusters, count)
+    stretches = [s for s in stretches if s.end - s.start >= MIN_SPLIT_STRETCH]
+    if not stretches:
+        return hard_clusters
+    x = np.stack([s.embedding for s in stretches])
+    length = np.array([(s.end - s.start) / TRUNK_FPS for s in stretches])
+    found = stretch_halves(x, length, np.argmax(x @ centroids.T, axis=1), ratio, seconds)
+    if found is None:
+        return hard_clusters
+    speaker, halves = found
+    members = hard_clusters == speaker
+    nearer = np.argmax(np.nan_to_num(embeddings[members]) @ halves.T, axis=1)
+    if len(set(nearer)) < 2:  # every chunk nearer one half: nothing to split at the chunk level
+        return hard_clusters
+    split = hard_clusters.copy()
+    split[members] = np.where(nearer == 1, count, speaker)
+    return split
 
 
 def cluster_centroids(embeddings: np.ndarray, hard_clusters: np.ndarray, count: int) -> np.ndarray:

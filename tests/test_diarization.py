@@ -415,6 +415,47 @@ def test_each_stretch_goes_to_the_speaker_nearest_its_own_embedding():
     assert (data[200:300] == [1, 0]).all()  # the input is not modified
 
 
+def merged_voices(second_voice_cosine: float, second_voice_stretches: int, seed: int = 7):
+    """A file the segmentation heard as one voice: 40 (chunk, speaker) embeddings that mix two
+    voices (each leaning to one), all in cluster 0, and stretches of 2 s between pauses, 12 of
+    voice a and `second_voice_stretches` of voice b (at `second_voice_cosine` to a)."""
+    from pipeline.diarization import TRUNK_FPS, Stretch
+
+    rng = np.random.default_rng(seed)
+    a, d = (v / np.linalg.norm(v) for v in rng.normal(size=(2, EMBEDDING_DIM)))
+    b = second_voice_cosine * a + np.sqrt(1 - second_voice_cosine**2) * d
+
+    def noisy(v: np.ndarray) -> np.ndarray:
+        v = v + 0.35 * rng.normal(size=EMBEDDING_DIM) / np.sqrt(EMBEDDING_DIM)
+        return v / np.linalg.norm(v)
+
+    chunks = np.stack([noisy(0.7 * a + 0.3 * b if i % 2 else 0.3 * a + 0.7 * b) for i in range(40)])
+    voices = [a] * 12 + [b] * second_voice_stretches
+    stretches = [Stretch(i * 3 * TRUNK_FPS, (i * 3 + 2) * TRUNK_FPS, noisy(v)) for i, v in enumerate(voices)]
+    return chunks[:, None], np.zeros((40, 1), dtype=int), stretches
+
+
+def test_two_voices_the_segmentation_merged_are_split_by_their_stretches():
+    """The segmentation can hear two close voices as one local speaker wherever they share a
+    chunk, so every chunk embedding mixes them and the clustering finds one speaker; the
+    stretches between pauses are one voice each, and their own embeddings split it in two.
+    One voice's stretches, or a second 'voice' of a few odd stretches, are not split."""
+    from pipeline.config import DiarizationSettings
+    from pipeline.diarization import split_by_stretches
+
+    settings = DiarizationSettings()
+    split = {"ratio": settings.stretch_split_ratio, "seconds": settings.stretch_split_seconds}
+    embeddings, clusters, stretches = merged_voices(0.6, 12)
+    out = split_by_stretches(embeddings, clusters, stretches, **split)
+    assert set(out.ravel()) == {0, 1}
+    leaning = np.arange(40) % 2  # 1: the chunk's embedding leans to voice a
+    assert len(set(out[leaning == 1, 0])) == 1 and len(set(out[leaning == 0, 0])) == 1
+    assert (out[:, 0] != leaning).all() or (out[:, 0] == leaning).all()
+    assert set(split_by_stretches(*merged_voices(1.0, 12), **split).ravel()) == {0}  # one voice
+    assert set(split_by_stretches(*merged_voices(0.6, 2), **split).ravel()) == {0}  # 4 s of b: too little
+    assert set(split_by_stretches(embeddings, clusters, stretches, ratio=0.0, seconds=6).ravel()) == {0}
+
+
 def test_segmentation_on_onnxruntime_matches_torch():
     """On CPU the embedded segmentation model runs on ONNX Runtime (exported from its own
     weights at load): its scores must be torch's, on real speech."""
