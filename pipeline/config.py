@@ -183,11 +183,18 @@ class DiarizationSettings(BaseModel):
         "as alike across as within; 0 never splits.",
     )
     stretch_split_ratio: float = Field(
-        0.865,
+        0.86,
         ge=0,
         description="Embedded pipeline: a speaker whose single-speaker stretches fall in two halves (2-means) "
-        "of at least `stretch_split_seconds` each, less than this share as alike across as within, is two "
-        "speakers (the segmentation can hear two close voices as one); 0 never splits.",
+        "of at least `stretch_split_seconds` each, less than this share as alike across as within (in "
+        "`stretch_split_subspace`), is two speakers (the segmentation can hear two close voices as one); "
+        "0 never splits.",
+    )
+    stretch_split_subspace: str = Field(
+        "embedded",
+        description="Embedded pipeline: where the stretch split is tested: `embedded` (the shipped projection "
+        "on the directions voices differ in, pipeline/assets/speaker_subspace.npz), a path to such an .npz "
+        "(benchmarks/fit_speaker_subspace.py), or empty for CAM++'s own 192 dimensions.",
     )
     stretch_split_seconds: float = Field(
         10.0, gt=0, description="Embedded pipeline: the least speech (s) of each half of a stretch split."

@@ -25,6 +25,7 @@ from pipeline.config import DiarizationSettings, check_device, resolve_device
 from pipeline.errors import InputError, ModelError
 from pipeline.media import SAMPLE_RATE
 from pipeline.progress import ProgressHook, no_progress
+from pipeline.speaker_subspace import SpeakerSubspace, load_subspace
 
 log = logging.getLogger(__name__)
 STAGE = "diarization"
@@ -183,6 +184,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
     )
     pipeline.reassign_stretches = settings.reassign_stretches
     pipeline.stretch_split = (settings.stretch_split_ratio, settings.stretch_split_seconds)
+    pipeline.subspace = load_subspace(settings.stretch_split_subspace)
     params: dict[str, Any] = {"min_duration_off": settings.min_duration_off}
     if not segmentation.specifications.powerset:  # a multi-label model's activations need a threshold
         params["threshold"] = 0.5
@@ -267,6 +269,7 @@ def _embedded_pipeline_class() -> type:
 
         reassign_stretches = True
         stretch_split = (0.0, 0.0)  # (ratio, seconds): see `split_by_stretches`; ratio 0: never
+        subspace: SpeakerSubspace | None = None  # where the split is tested: see `speaker_subspace`
         _most_speakers: float = math.inf  # this call's bound on the count; 0: the count was given
 
         def apply(self, file, num_speakers=None, min_speakers=None, max_speakers=None, **kwargs):
@@ -300,10 +303,11 @@ def _embedded_pipeline_class() -> type:
 
         def _split_by_stretches(self, hard_clusters: np.ndarray) -> np.ndarray:
             ratio, seconds = self.stretch_split
-            count = int(hard_clusters.max()) + 1
-            if not ratio or count < 1 or count >= self._most_speakers or not self._stretches:
+            if not ratio or hard_clusters.max() < 0 or not self._stretches:
                 return hard_clusters
-            return split_by_stretches(self._embeddings, hard_clusters, self._stretches, ratio, seconds)
+            return split_by_stretches(
+                self._embeddings, hard_clusters, self._stretches, ratio, seconds, self._most_speakers, self.subspace
+            )
 
     return EmbeddedSpeakerDiarization
 
@@ -389,37 +393,46 @@ MIN_SPLIT_STRETCH = TRUNK_FPS // 2  # trunk frames (0.5 s): shorter stretches' e
 
 
 def split_by_stretches(
-    embeddings: np.ndarray, hard_clusters: np.ndarray, stretches: list[Stretch], ratio: float, seconds: float
+    embeddings: np.ndarray,
+    hard_clusters: np.ndarray,
+    stretches: list[Stretch],
+    ratio: float,
+    seconds: float,
+    most: float = math.inf,
+    subspace: SpeakerSubspace | None = None,
 ) -> np.ndarray:
-    """`hard_clusters` (chunks, local speakers) with one speaker split in two, if the stretches nearest
-    its centroid fall in two halves apart (see `clustering.stretch_halves`): each of its (chunk,
-    speaker) embeddings goes to the nearer half, the second numbered last.
+    """`hard_clusters` (chunks, local speakers) with speakers split in two, one at a time while
+    fewer than `most`, where the stretches nearest a speaker's centroid fall in two halves apart
+    (see `clustering.stretch_halves`; tested in `subspace`, see `speaker_subspace`): each of its
+    (chunk, speaker) embeddings goes to the nearer half, the second numbered last.
 
     Why: the segmentation can hear two close voices as one local speaker in every
     chunk they share (dev: three men of one accent at close pitch), so the chunk
     embeddings mix them and the clustering finds one speaker; the stretches
     between pauses are still mostly one voice each, and their own embeddings
-    tell the two apart."""
+    tell the two apart. A speaker that is three such voices splits twice."""
     from pipeline.clustering import stretch_halves
 
-    count = int(hard_clusters.max()) + 1
-    centroids = cluster_centroids(embeddings, hard_clusters, count)
     stretches = [s for s in stretches if s.end - s.start >= MIN_SPLIT_STRETCH]
     if not stretches:
         return hard_clusters
-    x = np.stack([s.embedding for s in stretches])
+    raw = np.stack([s.embedding for s in stretches])
+    x = raw if subspace is None else subspace.project(raw)
     length = np.array([(s.end - s.start) / TRUNK_FPS for s in stretches])
-    found = stretch_halves(x, length, np.argmax(x @ centroids.T, axis=1), ratio, seconds)
-    if found is None:
-        return hard_clusters
-    speaker, halves = found
-    members = hard_clusters == speaker
-    nearer = np.argmax(np.nan_to_num(embeddings[members]) @ halves.T, axis=1)
-    if len(set(nearer)) < 2:  # every chunk nearer one half: nothing to split at the chunk level
-        return hard_clusters
-    split = hard_clusters.copy()
-    split[members] = np.where(nearer == 1, count, speaker)
-    return split
+    while (count := int(hard_clusters.max()) + 1) < most:
+        centroids = cluster_centroids(embeddings, hard_clusters, count)
+        found = stretch_halves(x, length, np.argmax(raw @ centroids.T, axis=1), ratio, seconds)
+        if found is None:
+            break
+        speaker, halves = found
+        members = hard_clusters == speaker
+        chunks = np.nan_to_num(embeddings[members])
+        nearer = np.argmax((chunks if subspace is None else subspace.project(chunks)) @ halves.T, axis=1)
+        if len(set(nearer)) < 2:  # every chunk nearer one half: nothing to split at the chunk level
+            break
+        hard_clusters = hard_clusters.copy()
+        hard_clusters[members] = np.where(nearer == 1, count, speaker)
+    return hard_clusters
 
 
 def cluster_centroids(embeddings: np.ndarray, hard_clusters: np.ndarray, count: int) -> np.ndarray:

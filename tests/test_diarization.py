@@ -456,6 +456,92 @@ def test_two_voices_the_segmentation_merged_are_split_by_their_stretches():
     assert set(split_by_stretches(embeddings, clusters, stretches, ratio=0.0, seconds=6).ravel()) == {0}
 
 
+def merged_cast(voices: np.ndarray, stretches_each: int, seed: int = 7):
+    """Like `merged_voices`, for any number of voices (rows of `voices`): chunk embeddings that each
+    lean to one voice in turn, all in cluster 0, and `stretches_each` stretches of 2 s per voice."""
+    from pipeline.diarization import TRUNK_FPS, Stretch
+
+    rng = np.random.default_rng(seed)
+    n = len(voices)
+
+    def noisy(v: np.ndarray) -> np.ndarray:
+        v = v + 0.35 * rng.normal(size=EMBEDDING_DIM) / np.sqrt(EMBEDDING_DIM)
+        return v / np.linalg.norm(v)
+
+    mix = np.full((n, n), 0.3 / max(n - 1, 1)) + np.eye(n) * (0.7 - 0.3 / max(n - 1, 1))
+    chunks = np.stack([noisy(mix[i % n] @ voices) for i in range(40 * n)])
+    order = [i % n for i in range(stretches_each * n)]
+    stretches = [Stretch(j * 3 * TRUNK_FPS, (j * 3 + 2) * TRUNK_FPS, noisy(voices[v])) for j, v in enumerate(order)]
+    return chunks[:, None], np.zeros((40 * n, 1), dtype=int), stretches
+
+
+def test_a_speaker_of_three_merged_voices_splits_twice_within_the_bound():
+    """Three voices the segmentation heard as one: the first split leaves one speaker that is
+    still two voices, which splits again; never beyond the most speakers allowed."""
+    from pipeline.diarization import split_by_stretches
+
+    rng = np.random.default_rng(11)
+    own = rng.normal(size=(3, EMBEDDING_DIM))
+    voices = 0.6 * rng.normal(size=EMBEDDING_DIM) / np.sqrt(EMBEDDING_DIM) + 0.8 * own / np.sqrt(EMBEDDING_DIM)
+    voices /= np.linalg.norm(voices, axis=1, keepdims=True)
+    embeddings, clusters, stretches = merged_cast(voices, 10)
+    out = split_by_stretches(embeddings, clusters, stretches, ratio=0.8, seconds=10)[:, 0]
+    assert set(out) == {0, 1, 2}
+    leaning = np.arange(len(out)) % 3
+    assert all(len(set(out[leaning == v])) == 1 for v in range(3))  # each voice's chunks: one speaker
+    assert len({out[leaning == v][0] for v in range(3)}) == 3  # and a speaker per voice
+    bounded = split_by_stretches(embeddings, clusters, stretches, ratio=0.8, seconds=10, most=2)
+    assert set(bounded.ravel()) == {0, 1}
+
+
+def test_speaker_subspace_lets_two_close_voices_stand_out_of_their_spread():
+    """Voices that differ in a few directions, where each voice's stretches spread mostly in
+    others (as what is said and noise move CAM++ embeddings): in all dimensions two merged
+    voices' halves look like one voice's; in the subspace fitted on other voices, they do not."""
+    from pipeline.clustering import stretch_halves
+    from pipeline.speaker_subspace import SpeakerSubspace
+
+    rng = np.random.default_rng(5)
+    differ = 10  # the directions voices differ in
+    base = np.zeros(EMBEDDING_DIM)
+    base[-1] = 10.0  # all voices lean one way, as CAM++'s do
+
+    def voice() -> np.ndarray:
+        mean = np.zeros(EMBEDDING_DIM)
+        mean[:differ] = rng.normal(size=differ)
+        return mean
+
+    def stretches(mean: np.ndarray, n: int) -> np.ndarray:
+        noise = rng.normal(size=(n, EMBEDDING_DIM)) * np.where(np.arange(EMBEDDING_DIM) < differ, 0.2, 0.5)
+        x = base + mean + noise
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    x = np.concatenate([stretches(voice(), 20) for _ in range(60)])
+    subspace = SpeakerSubspace.fit(x, np.repeat(np.arange(60), 20), dims=differ, regularisation=1.0)
+    assert subspace.basis.shape == (EMBEDDING_DIM, differ)
+    a = voice()
+    step = np.zeros(EMBEDDING_DIM)
+    step[:differ] = rng.normal(size=differ)
+    b = a + 4.0 * step / np.linalg.norm(step)
+    two, one = np.concatenate([stretches(a, 12), stretches(b, 12)]), stretches(a, 24)
+    seconds, cluster = np.full(24, 2.0), np.zeros(24, dtype=int)
+    assert stretch_halves(two, seconds, cluster, 0.8, 10) is None  # CAM++'s own space: one voice
+    found = stretch_halves(subspace.project(two), seconds, cluster, 0.8, 10)
+    assert found is not None
+    sides = np.argmax(subspace.project(two) @ found[1].T, axis=1)
+    assert (sides[:12] == sides[0]).all() and (sides[12:] != sides[0]).all()  # exactly the two voices
+    assert stretch_halves(subspace.project(one), seconds, cluster, 0.8, 10) is None
+
+
+def test_the_shipped_speaker_subspace_loads():
+    from pipeline.speaker_subspace import load_subspace
+
+    subspace = load_subspace("embedded")
+    assert subspace is not None and subspace.mean.shape == (EMBEDDING_DIM,)
+    assert subspace.basis.shape[0] == EMBEDDING_DIM and 10 <= subspace.basis.shape[1] < EMBEDDING_DIM
+    assert load_subspace("") is None
+
+
 def test_segmentation_on_onnxruntime_matches_torch():
     """On CPU the embedded segmentation model runs on ONNX Runtime (exported from its own
     weights at load): its scores must be torch's, on real speech."""
