@@ -18,6 +18,7 @@ from pathlib import Path
 from tests.serving import ROOT, free_port, kill_session
 
 RAY = ROOT / ".venv" / "bin" / "ray"
+_MARK = "alive-nodes: "
 
 
 class RayNode:
@@ -104,7 +105,10 @@ class RayCluster:
     def alive_nodes(self) -> tuple[list[int], str]:
         """Node-manager ports of the nodes alive, as a driver connected to the cluster sees them
         (and its stderr, for failures)."""
-        script = "import ray; ray.init(); print([n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])"
+        script = (
+            "import json, ray; ray.init(); "
+            f"print('{_MARK}' + json.dumps([n['NodeManagerPort'] for n in ray.nodes() if n['Alive']]))"
+        )
         out = subprocess.run(
             [str(ROOT / ".venv" / "bin" / "python"), "-c", script],
             env={**self.env, "RAY_ADDRESS": self.address},
@@ -112,9 +116,12 @@ class RayCluster:
             text=True,
             timeout=120,
         )
-        if out.returncode != 0 or not out.stdout.strip():
-            return [], out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1]), ""
+        # Ray prints its own warnings to stdout too (lagging heartbeats on a busy
+        # machine), before or after ours: the answer is the marked line.
+        answers = [line[len(_MARK) :] for line in out.stdout.splitlines() if line.startswith(_MARK)]
+        if out.returncode != 0 or not answers:
+            return [], (out.stdout + out.stderr)[-2000:]
+        return json.loads(answers[-1]), ""
 
     def _wait_for_node(self, node: RayNode, timeout_s: float = 120) -> bool:
         """True once `node` is alive in the cluster; False if its process exits first."""
