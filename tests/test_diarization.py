@@ -415,6 +415,34 @@ def test_each_stretch_goes_to_the_speaker_nearest_its_own_embedding():
     assert (data[200:300] == [1, 0]).all()  # the input is not modified
 
 
+def test_turns_are_trimmed_at_both_ends_before_pauses_are_filled():
+    """Every turn loses `onset` s at its start and `offset` s at its end (the segmentation's turns
+    run a little outside the speech); a pause within one speaker still closes when, trimmed, it is
+    shorter than min_duration_off, and a turn shorter than both trims vanishes."""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    from pipeline.diarization import trimmed_annotation
+
+    window = SlidingWindow(start=0.0, duration=0.01, step=0.01)
+    data = np.zeros((1000, 2))
+    data[100:300, 0] = 1  # speaker 0: 1-3 s...
+    data[340:500, 0] = 1  # ...a 0.4 s pause, 3.4-5 s
+    data[480:800, 1] = 1  # speaker 1: 4.8-8 s, overlapping speaker 0 by 0.2 s
+    data[900:904, 1] = 1  # a 40 ms blip
+    turns = trimmed_annotation(SlidingWindowFeature(data, window), 0.03, 0.02, min_duration_off=0.6)
+    # Binarize reads each frame at its middle (+5 ms).
+    assert sorted(turns.labels()) == [0, 1]
+    assert edges(turns, 0) == pytest.approx([1.035, 4.985])
+    assert edges(turns, 1) == pytest.approx([4.835, 7.985])
+    untrimmed = trimmed_annotation(SlidingWindowFeature(data, window), 0.0, 0.0, min_duration_off=0.6)
+    assert edges(untrimmed, 1) == pytest.approx([4.805, 8.005, 9.005, 9.045])
+
+
+def edges(annotation: Annotation, label) -> list[float]:
+    """Start and end of each of `label`'s turns, flat."""
+    return [t for s in annotation.label_timeline(label) for t in (s.start, s.end)]
+
+
 def merged_voices(second_voice_cosine: float, second_voice_stretches: int, seed: int = 7):
     """A file the segmentation heard as one voice: 40 (chunk, speaker) embeddings that mix two
     voices (each leaning to one), all in cluster 0, and stretches of 2 s between pauses, 12 of
