@@ -175,6 +175,13 @@ class DiarizationSettings(BaseModel):
         "centroid is nearest its own embedding, rather than with the rest of its chunk's local speaker (which "
         "can be two voices); false keeps pyannote's assignment.",
     )
+    window_reassign_s: float = Field(
+        3.0,
+        ge=0,
+        description="Embedded pipeline: stretches this long (s) or longer are reassigned window by window "
+        "(1.5 s windows every 0.5 s), so that two voices the segmentation heard as one stretch are told apart "
+        "within it; below 3 s (two windows) a stretch has no windows; 0 reassigns every stretch whole.",
+    )
     split_ratio: float = Field(
         0.8,
         ge=0,

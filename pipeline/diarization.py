@@ -183,6 +183,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
         segmentation_batch_size=settings.segmentation_batch_size,
     )
     pipeline.reassign_stretches = settings.reassign_stretches
+    pipeline.windowed_from = round(settings.window_reassign_s * TRUNK_FPS)
     pipeline.edge_trim = (settings.onset_trim, settings.offset_trim)
     pipeline.stretch_split = (settings.stretch_split_ratio, settings.stretch_split_seconds)
     pipeline.subspace = load_subspace(settings.stretch_split_subspace)
@@ -269,6 +270,7 @@ def _embedded_pipeline_class() -> type:
         """
 
         reassign_stretches = True
+        windowed_from = 0  # trunk frames: longer stretches are reassigned window by window; 0: never
         stretch_split = (0.0, 0.0)  # (ratio, seconds): see `split_by_stretches`; ratio 0: never
         subspace: SpeakerSubspace | None = None  # where the split is tested: see `speaker_subspace`
         edge_trim = (0.0, 0.0)  # seconds off the (start, end) of every turn: see `to_annotation`
@@ -301,7 +303,7 @@ def _embedded_pipeline_class() -> type:
             if not self.reassign_stretches or hard_clusters.max() < 1:
                 return discrete
             centroids = cluster_centroids(self._embeddings, hard_clusters, discrete.data.shape[1])
-            return reassign_stretches(discrete, self._stretches, centroids)
+            return reassign_stretches(discrete, self._stretches, centroids, self.windowed_from)
 
         def to_annotation(self, discrete_diarization, min_duration_on=0.0, min_duration_off=0.0):
             return trimmed_annotation(discrete_diarization, *self.edge_trim, min_duration_on, min_duration_off)
@@ -362,24 +364,33 @@ def chunk_embeddings(
 
 @dataclass
 class Stretch:
-    """A single-speaker stretch, [start, end) in trunk frames, and its own unit embedding."""
+    """A single-speaker stretch, [start, end) in trunk frames, and its own unit embedding; for a
+    long stretch also those of its windows (see `window_embeddings`)."""
 
     start: int
     end: int
     embedding: np.ndarray
+    windows: np.ndarray | None = None  # (windows, dim) unit embeddings
+    window_starts: np.ndarray | None = None  # trunk frames from `start`; each window is WINDOW frames
 
 
-def reassign_stretches(discrete: Any, stretches: list[Stretch], centroids: np.ndarray) -> Any:
+def reassign_stretches(discrete: Any, stretches: list[Stretch], centroids: np.ndarray, windowed_from: int = 0) -> Any:
     """`discrete` (a pyannote discrete diarization: frames x speakers) where each single-speaker
     stretch, wherever one speaker is active, goes to the speaker whose centroid is nearest the
-    stretch's own embedding.
+    stretch's own embedding; a stretch of `windowed_from` trunk frames or more (and windows), frame
+    by frame to the speaker nearest the windows around the frame (see `window_labels`).
 
     Why: pyannote gives a speaker to each (chunk, local speaker) as a whole, and
     the segmentation's local speakers are not always one voice: one local speaker
     can be two voices talking at different moments of the chunk (on dev, the
     clustering's mistakes were almost all such embeddings, under 80 % one voice),
     whereas 98-99 % of the stretches' frames are one voice. Overlapped frames
-    keep pyannote's reconstruction."""
+    keep pyannote's reconstruction.
+
+    Why windows: the segmentation can also hear two close voices' turns, one
+    straight after the other, as one stretch (on dev's three close men, 6-11 %
+    of the speech lay in stretches of 3 s or more that held two voices), and a
+    stretch's one embedding gives all of it to one of them."""
     from pyannote.core import SlidingWindowFeature
 
     window = discrete.sliding_window
@@ -389,9 +400,30 @@ def reassign_stretches(discrete: Any, stretches: list[Stretch], centroids: np.nd
         last = min(len(data), round((stretch.end / TRUNK_FPS - window.start) / window.step))
         rows = data[first:last]  # a view: edits land in `data`
         alone = rows.sum(axis=1) == 1
+        labels = np.full(len(rows), int(np.argmax(centroids @ stretch.embedding)))
+        if windowed_from and stretch.windows is not None and stretch.end - stretch.start >= windowed_from:
+            times = window.start + (first + np.arange(len(rows)) + 0.5) * window.step
+            frames = np.clip(
+                np.round(times * TRUNK_FPS).astype(int) - stretch.start, 0, stretch.end - stretch.start - 1
+            )
+            labels = window_labels(stretch, centroids)[frames]
         rows[alone] = 0
-        rows[alone, int(np.argmax(centroids @ stretch.embedding))] = 1
+        rows[alone, labels[alone]] = 1
     return SlidingWindowFeature(data, window)
+
+
+def window_labels(stretch: Stretch, centroids: np.ndarray) -> np.ndarray:
+    """The speaker of each trunk frame of `stretch`: the centroid most alike, on average, the
+    windows that cover the frame (three or so, WINDOW_HOP apart: a change of speaker falls
+    where the windows' votes turn)."""
+    sims = stretch.windows @ centroids.T
+    frames = stretch.end - stretch.start
+    total = np.zeros((frames, len(centroids)))
+    covered = np.zeros(frames)
+    for start, row in zip(stretch.window_starts, sims, strict=True):
+        total[start : start + WINDOW] += row
+        covered[start : start + WINDOW] += 1
+    return np.argmax(total / np.maximum(covered, 1)[:, None], axis=1)
 
 
 def trimmed_annotation(
@@ -546,8 +578,33 @@ def trunk_blocks(
             if stretches is not None:
                 pooled = encoder.pool(trunk[:frames], torch.ones(1, frames, device=trunk.device))
                 embedding = torch.nn.functional.normalize(pooled, dim=1)[0].cpu().numpy()
-                stretches.append(Stretch(first + at, first + at + frames, embedding))
+                starts, windows = window_embeddings(encoder, trunk[:frames])
+                stretches.append(Stretch(first + at, first + at + frames, embedding, windows, starts))
         yield out
+
+
+WINDOW = TRUNK_FPS * 3 // 2  # trunk frames (1.5 s) of a window of a long stretch
+WINDOW_HOP = TRUNK_FPS // 2
+WINDOWED = 2 * WINDOW  # stretches this long or longer get window embeddings
+
+
+def window_embeddings(encoder: Any, trunk: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(starts, (windows, dim) unit embeddings) of WINDOW-frame windows every WINDOW_HOP frames
+    over a stretch's trunk frames, the last one ending with the stretch; (None, None) if it is
+    shorter than WINDOWED."""
+    import torch
+
+    frames = len(trunk)
+    if frames < WINDOWED:
+        return None, None
+    starts = np.arange(0, frames - WINDOW + 1, WINDOW_HOP)
+    if starts[-1] + WINDOW < frames:
+        starts = np.append(starts, frames - WINDOW)
+    weights = torch.zeros(len(starts), frames, device=trunk.device)
+    for i, a in enumerate(starts):
+        weights[i, a : a + WINDOW] = 1
+    pooled = encoder.pool(trunk, weights)
+    return starts, torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
 
 
 BATCH_SLACK = 1.25  # runs batched together differ in length by at most this factor

@@ -415,6 +415,64 @@ def test_each_stretch_goes_to_the_speaker_nearest_its_own_embedding():
     assert (data[200:300] == [1, 0]).all()  # the input is not modified
 
 
+def test_a_long_stretch_of_two_voices_is_reassigned_window_by_window():
+    """The segmentation can hear two close voices' back-to-back turns as one stretch: a stretch
+    of `windowed_from` trunk frames or more goes to its speakers window by window, the change
+    where the windows' votes turn; a shorter one, or with windows off, goes whole."""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    from pipeline.diarization import WINDOW, WINDOW_HOP, Stretch, reassign_stretches
+
+    rng = np.random.default_rng(5)
+    a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, EMBEDDING_DIM)))
+    window = SlidingWindow(start=0.0, duration=0.02, step=0.02)  # the trunk's 50 frames a second
+    data = np.zeros((500, 2))
+    data[:, 0] = 1  # pyannote: speaker 0 throughout
+    # 10 s of one stretch: voice a until 6 s, voice b after; each window embeds the voices it holds.
+    starts = np.arange(0, 500 - WINDOW + 1, WINDOW_HOP)
+    share_b = np.clip((starts + WINDOW - 300) / WINDOW, 0, 1)[:, None]
+    windows = (1 - share_b) * a + share_b * b
+    windows /= np.linalg.norm(windows, axis=1, keepdims=True)
+    whole = 0.6 * a + 0.4 * b
+    stretch = Stretch(0, 500, whole / np.linalg.norm(whole), windows, starts)
+    centroids = np.stack([a, b])
+
+    def speaker_1_from(windowed_from: int) -> np.ndarray:
+        out = reassign_stretches(SlidingWindowFeature(data, window), [stretch], centroids, windowed_from).data
+        assert (out.sum(axis=1) == 1).all()
+        return np.flatnonzero(out[:, 1])
+
+    frames = speaker_1_from(150)
+    assert frames[0] == pytest.approx(300, abs=10) and (frames == np.arange(frames[0], 500)).all()
+    assert len(speaker_1_from(0)) == 0 and len(speaker_1_from(501)) == 0  # whole: all speaker 0
+
+
+def test_windows_of_a_stretch_tell_its_two_voices_apart(campplus):
+    """The trunk runs over a stretch as a whole, and each CAM layer gates every frame with the
+    stretch's mean: pooled over 1.5 s windows, its frames must still say whose voice they are."""
+    from pipeline.diarization import TRUNK_FPS, trunk_blocks, window_labels
+
+    man, woman = Voice("en-us+m3", 40, 160, 0.0), Voice("en-us+f2", 65, 170, 0.0)
+    first = speak(man, "Please bring the documents to my office tomorrow morning, before the meeting.")
+    second = speak(woman, "We walked along the river until sunset, talking about the old days.")
+    audio = np.concatenate([first, second])
+    seconds = int(np.ceil(len(audio) / SR))
+    stretches = []
+    with torch.inference_mode():
+        run = (0, len(audio) * TRUNK_FPS // SR)  # one single-speaker run, as the segmentation heard it
+        list(trunk_blocks(campplus, torch.from_numpy(np.pad(audio, (0, seconds * SR - len(audio)))), seconds,
+                          [run], stretches))  # fmt: skip
+        other = "Numbers like seven hundred and twelve are hard to remember."
+        centroids = np.stack([embed(campplus, torch.from_numpy(speak(v, other))).numpy() for v in (man, woman)])
+    (stretch,) = stretches
+    labels = window_labels(stretch, centroids)
+    change = len(first) * TRUNK_FPS // SR
+    far = np.abs(np.arange(len(labels)) - change) > 0.75 * TRUNK_FPS
+    assert (labels == (np.arange(len(labels)) >= change))[far].all()
+    turns = np.flatnonzero(np.diff(labels))
+    assert len(turns) == 1 and abs(turns[0] - change) < 0.5 * TRUNK_FPS  # measured: 0.28 s late
+
+
 def test_turns_are_trimmed_at_both_ends_before_pauses_are_filled():
     """Every turn loses `onset` s at its start and `offset` s at its end (the segmentation's turns
     run a little outside the speech); a pause within one speaker still closes when, trimmed, it is
