@@ -530,7 +530,12 @@ def single_speaker_runs(segmentations: Any, total_frames: int) -> list[tuple[int
 
     speaker = alone(nearest, times)
     before, previous = times - 1.0 / TRUNK_FPS, np.roll(nearest, 1)
-    goes_on = (speaker >= 0) & (alone(nearest, before) == speaker) & (alone(previous, times) == alone(previous, before))
+    goes_on = (
+        (speaker >= 0)
+        & (np.roll(speaker, 1) >= 0)  # the frame before is in a run (as its own nearest chunk sees it)
+        & (alone(nearest, before) == speaker)
+        & (alone(previous, times) == alone(previous, before))
+    )
     goes_on[0] = False
     starts = np.flatnonzero((speaker >= 0) & ~goes_on)
     stops = np.append(np.flatnonzero(~goes_on), total_frames)

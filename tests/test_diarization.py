@@ -159,6 +159,28 @@ def test_single_speaker_runs_end_at_changes_silence_and_overlap():
     assert seconds == [(0.0, 3.0), (3.0, 6.0), (6.5, 8.0)]
 
 
+def test_a_run_starting_where_the_nearest_chunk_changes_is_found():
+    """Each frame is read from its nearest chunk. Where that chunk changes, the frame before
+    may be silent in the old chunk while the new one already hears a voice: the run starts
+    there. (It used to be lost whole: 0.7 % of dev's single-speaker speech, left unembedded
+    and given a speaker by chunk, not by stretch.)"""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    from pipeline.diarization import TRUNK_FPS, single_speaker_runs
+
+    frames = 589
+    t = (np.arange(frames) + 0.5) * 10 / frames
+    # Chunks of 10 s every 2.5 s: chunk 0 is nearest up to 6.25 s, chunk 1 (2.5-12.5 s) after.
+    early = (t >= 1) & (t < 5)  # chunk 0: a voice at 1-5 s, silence after
+    late = t >= 3.3  # chunk 1 hears it from 5.8 s (3.3 s into the chunk) to its end
+    silent = np.zeros(frames, bool)
+    data = np.stack([np.stack([early, silent, silent], 1), np.stack([late, silent, silent], 1)]).astype(np.float32)
+    segmentation = SlidingWindowFeature(data, SlidingWindow(start=0.0, duration=10.0, step=2.5))
+    runs = single_speaker_runs(segmentation, 13 * TRUNK_FPS)
+    seconds = [(round(x / TRUNK_FPS, 1), round(z / TRUNK_FPS, 1)) for x, z in runs]
+    assert seconds == [(1.0, 5.0), (6.3, 12.5)]
+
+
 # -- diarization -----------------------------------------------------------------
 
 
