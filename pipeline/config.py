@@ -100,6 +100,12 @@ class AsrSettings(BaseModel):
         description="silero (faster-whisper's ONNX model, fastest on CPU) or pyannote (WhisperX's default VAD).",
     )
     chunk_size_s: float = Field(30.0, description="Longest VAD chunk handed to Whisper.")
+    compression_ratio_threshold: float = Field(
+        2.4,
+        ge=0,
+        description="A chunk whose text compresses more than this under zlib is a repetition loop and is "
+        "decoded again with no 4-gram repeated (Whisper's own test and value); 0: never.",
+    )
     language_detection_windows: int = Field(
         4,
         ge=1,
