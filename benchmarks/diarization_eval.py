@@ -20,6 +20,9 @@ microphones) with reference turns in pyannote.audio's source distribution, those
 with 10 s of reference speech or more. The two sdists are downloaded from PyPI
 once and checked by hash.
 
+`--split voices` is conversations spliced from studio recordings of eight real
+people (benchmarks/real_voices.py): real voices, exact references.
+
 Per file and in total: DER (pyannote.metrics, collar 0 and 0.25 s), speakers
 found vs true, word-speaker accuracy (with --words: Whisper's words, assigned to
 speakers as the product does, against the speaker speaking at each word's middle),
@@ -60,6 +63,8 @@ class EvalFile:
 def dataset(split: str) -> list[EvalFile]:
     if split == "real":
         return recorded()
+    if split == "voices":
+        return spliced()
     sys.path.insert(0, str(ROOT))  # a script, not a package: reach the fixture generator
     from tests.fixtures.conversations import conversation, eval_specs
 
@@ -113,6 +118,23 @@ def recorded() -> list[EvalFile]:
         member = f"tests/data/{uri.replace('trn00', 'trñ00')}.wav"
         wav = _sdist_member("pyannote_audio-4.0.7.tar.gz", member, f"ami-{uri}.wav")
         files.append(EvalFile(f"ami-{uri}", wav, turns, False))
+    return files
+
+
+def spliced() -> list[EvalFile]:
+    """The `voices` split: conversations spliced from real people's recorded lines (see real_voices.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from real_voices import conversation, voice_specs
+
+    data = DATA / "voices"
+    files = []
+    for spec in voice_specs():
+        audio, truth = data / f"{spec.name}.flac", data / f"{spec.name}.json"
+        if not truth.exists():
+            samples, turns = conversation(spec, data)
+            sf.write(audio, samples, SAMPLE_RATE, subtype="PCM_16")
+            truth.write_text(json.dumps(turns))
+        files.append(EvalFile(spec.name, audio, [tuple(t) for t in json.loads(truth.read_text())], False))
     return files
 
 
@@ -370,7 +392,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", choices=["dev", "test", "real"], default="test")
+    parser.add_argument("--split", choices=["dev", "test", "real", "voices"], default="test")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="diarization settings")
     parser.add_argument(
         "--sweep",
