@@ -22,6 +22,8 @@ once and checked by hash.
 
 `--split voices` is conversations spliced from studio recordings of eight real
 people (benchmarks/real_voices.py): real voices, exact references.
+`--split voices-dev` is spliced the same way from sixteen other people, for
+choosing parameters on real voices; `voices` stays held out.
 
 Per file and in total: DER (pyannote.metrics, collar 0 and 0.25 s), speakers
 found vs true, word-speaker accuracy (with --words: Whisper's words, assigned to
@@ -63,8 +65,8 @@ class EvalFile:
 def dataset(split: str) -> list[EvalFile]:
     if split == "real":
         return recorded()
-    if split == "voices":
-        return spliced()
+    if split.startswith("voices"):
+        return spliced(split)
     sys.path.insert(0, str(ROOT))  # a script, not a package: reach the fixture generator
     from tests.fixtures.conversations import conversation, eval_specs
 
@@ -121,14 +123,15 @@ def recorded() -> list[EvalFile]:
     return files
 
 
-def spliced() -> list[EvalFile]:
-    """The `voices` split: conversations spliced from real people's recorded lines (see real_voices.py)."""
+def spliced(split: str) -> list[EvalFile]:
+    """The `voices` and `voices-dev` splits: conversations spliced from real people's recorded lines
+    (see real_voices.py)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from real_voices import conversation, voice_specs
 
     data = DATA / "voices"
     files = []
-    for spec in voice_specs():
+    for spec in voice_specs(split):
         audio, truth = data / f"{spec.name}.flac", data / f"{spec.name}.json"
         if not truth.exists():
             samples, turns = conversation(spec, data)
@@ -392,7 +395,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", choices=["dev", "test", "real", "voices"], default="test")
+    parser.add_argument("--split", choices=["dev", "test", "real", "voices", "voices-dev"], default="test")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="diarization settings")
     parser.add_argument(
         "--sweep",
