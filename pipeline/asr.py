@@ -18,10 +18,11 @@ decodes without timestamps and could not give words times without alignment.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import os
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +38,6 @@ from pipeline.schemas import WordTiming
 
 log = logging.getLogger(__name__)
 STAGE = "transcription"
-WHISPER_WINDOW_S = 30.0  # the encoder's fixed input (3000 mel frames), whatever chunk_size_s is
 LOOP_NGRAM = 4  # a clip decoded into a loop is decoded again with no n-gram this long said twice
 
 
@@ -157,6 +157,9 @@ class WhisperXTranscriber:
             self._model = WhisperModel(model_path, device=self.device, compute_type=compute_type, cpu_threads=threads)
         except Exception as e:  # CTranslate2/hub raise many types; all mean "no model"
             raise ModelError(f"could not load Whisper model {settings.model!r}: {e}") from e
+        # The batched decoder calls `self._model.encode`: the stand-in gives it language detection's outputs.
+        self._encoder = EncoderReuse(self._model.encode, enabled=self.device == "cpu")
+        self._model.encode = self._encoder
         self._pipeline = BatchedInferencePipeline(self._model)
         self._pyannote_vad: Any = None
         self._aligners: dict[str, tuple[Any, dict, str] | None] = {}
@@ -197,19 +200,22 @@ class WhisperXTranscriber:
         """
         outcomes: list[Transcript | AnalyzerError | None] = [None] * len(requests)
         prepared: dict[int, _Prepared] = {}
-        for i, request in enumerate(requests):
-            try:
-                prepared[i] = self._prepare(request)
-            except AnalyzerError as e:
-                outcomes[i] = e
-        # The prompt is an argument of the whole decoding call: files asking for different ones decode apart.
-        groups: dict[tuple[str, str | None], list[int]] = {}
-        for i, p in prepared.items():
-            groups.setdefault((p.language, p.request.prompt), []).append(i)
-        for (language, prompt), indices in groups.items():
-            decoded = self._decode_together(language, prompt, [prepared[i] for i in indices])
-            for i, segments in zip(indices, decoded, strict=True):
-                outcomes[i] = self._finish(prepared[i], segments)
+        try:
+            for i, request in enumerate(requests):
+                try:
+                    prepared[i] = self._prepare(request)
+                except AnalyzerError as e:
+                    outcomes[i] = e
+            # The prompt is an argument of the whole decoding call: files asking for different ones decode apart.
+            groups: dict[tuple[str, str | None], list[int]] = {}
+            for i, p in prepared.items():
+                groups.setdefault((p.language, p.request.prompt), []).append(i)
+            for (language, prompt), indices in groups.items():
+                decoded = self._decode_together(language, prompt, [prepared[i] for i in indices])
+                for i, segments in zip(indices, decoded, strict=True):
+                    outcomes[i] = self._finish(prepared[i], segments)
+        finally:
+            self._encoder.forget()  # outputs the decoder did not meet (another file's offsets, an error)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def _prepare(self, request: TranscriptionRequest) -> _Prepared:
@@ -249,32 +255,40 @@ class WhisperXTranscriber:
     def detect_language(self, samples: np.ndarray) -> LanguageGuess | None:
         """The language of `samples`' speech (see `_detect_language`); None when VAD finds no speech."""
         clips = self._speech_clips(samples)
-        return self._detect_language(samples, clips) if clips else None
+        try:
+            return self._detect_language(samples, clips) if clips else None
+        finally:
+            self._encoder.forget()  # nothing is decoded after
 
     def _detect_language(self, samples: np.ndarray, clips: list[dict[str, float]]) -> LanguageGuess:
-        """Whisper's language probabilities over several windows of speech spread across the file.
+        """Whisper's language probabilities over several clips of speech spread across the file.
 
         faster-whisper's own `detect_language` looks at the first 30 s only, so
         a file that opens with music, a jingle or another language was
-        confidently misdetected; one pass of the encoder per window, batched.
+        confidently misdetected. The clips are the decoder's own, so their
+        encoder outputs are kept for it (see `EncoderReuse`): detection costs
+        no extra encoder pass.
         """
-        windows = detection_windows(clips, WHISPER_WINDOW_S, self._settings.language_detection_windows)
-        features = np.stack([self._window_features(samples, pieces) for pieces in windows])
-        encoded = self._model.encode(features)
+        chosen = [clips[i] for i in detection_clips(clips, self._settings.language_detection_windows)]
+        features = np.stack([self._clip_features(samples, clip) for clip in chosen])
+        encoded = self._encoder.remember(features)
         per_window = [
             [(token[2:-2], float(p)) for token, p in result]  # "<|fr|>" -> "fr"
             for result in self._model.model.detect_language(encoded)
         ]
-        guess = LanguageGuess(combine_language_probabilities(per_window), len(windows))
+        guess = LanguageGuess(combine_language_probabilities(per_window), len(chosen))
         top = ", ".join(f"{lang} {p:.2f}" for lang, p in guess.probabilities[:3])
-        log.info("language over %d window(s): %s", guess.windows, top)
+        log.info("language over %d clip(s): %s", guess.windows, top)
         return guess
 
-    def _window_features(self, samples: np.ndarray, pieces: list[tuple[float, float]]) -> np.ndarray:
+    def _clip_features(self, samples: np.ndarray, clip: dict[str, float]) -> np.ndarray:
+        """A clip's log-mel features exactly as faster-whisper's batched pipeline computes them for
+        `clip_timestamps` (same slice, last frame dropped, padded to 30 s): equal features are what
+        lets the decoder reuse the clip's encoder output."""
         from faster_whisper.audio import pad_or_trim
 
-        audio = np.concatenate([samples[int(s * SAMPLE_RATE) : int(e * SAMPLE_RATE)] for s, e in pieces])
-        return pad_or_trim(self._model.feature_extractor(audio))
+        audio = samples[int(clip["start"] * SAMPLE_RATE) : int(clip["end"] * SAMPLE_RATE)]
+        return pad_or_trim(self._model.feature_extractor(audio)[..., :-1])
 
     def _decode_together(
         self, language: str, prompt: str | None, files: list[_Prepared]
@@ -432,32 +446,74 @@ def interpolate_missing(words: list[TimedWord]) -> list[TimedWord]:
     return words
 
 
-def detection_windows(clips: list[dict[str, float]], window_s: float, count: int) -> list[list[tuple[float, float]]]:
-    """Up to `count` windows of at most `window_s` seconds of speech, spread evenly over the speech.
+def detection_clips(clips: list[dict[str, float]], count: int) -> list[int]:
+    """Indices of up to `count` clips to detect the language on, spread over the speech.
 
-    Positions are taken on the clips laid end to end (silence left out), so
-    every window is full of speech; each comes back as the (start, end) pieces
-    of file time it covers. No more windows than needed to cover the speech
-    once, so short files cost one encoder pass.
+    The clips laid end to end (silence left out) are cut into `count` equal
+    shares of speech, and each share gives its longest clip (a clip belongs to
+    the share its middle falls in): spread over the file, and as full of speech
+    as the clips are. Short files cost one clip.
     """
-    total = sum(c["end"] - c["start"] for c in clips)
-    if total <= 0:
+    if not clips:
         return []
-    length = min(window_s, total)
-    n = max(1, min(count, math.ceil(total / window_s)))
-    return [_speech_pieces(clips, float(start), float(start) + length) for start in np.linspace(0, total - length, n)]
+    lengths = np.array([c["end"] - c["start"] for c in clips])
+    middles = np.cumsum(lengths) - lengths / 2
+    share = np.minimum((middles / max(lengths.sum(), 1e-9) * count).astype(int), count - 1)
+    return [int(np.flatnonzero(share == s)[np.argmax(lengths[share == s])]) for s in np.unique(share)]
 
 
-def _speech_pieces(clips: list[dict[str, float]], start: float, end: float) -> list[tuple[float, float]]:
-    """The file-time pieces of the speech between `start` and `end` seconds of speech."""
-    pieces, offset = [], 0.0
-    for c in clips:
-        length = c["end"] - c["start"]
-        lo, hi = max(start, offset), min(end, offset + length)
-        if hi > lo:
-            pieces.append((c["start"] + lo - offset, c["start"] + hi - offset))
-        offset += length
-    return pieces
+class EncoderReuse:
+    """Stands in for `WhisperModel.encode`, handing back the outputs of feature windows that this
+    thread asked it to `remember`, instead of encoding them again.
+
+    Why: language detection encodes a few of the clips the batched decoder
+    encodes next (faster-whisper calls `model.encode` inside its batch step);
+    on 2 CPU cores each 30 s window costs about 0.5 s of encoder. Outputs are
+    matched by the features' bytes, so a window is reused only when it is
+    exactly the one remembered. Per thread, because requests may be decoded on
+    several threads at once. CPU only: CTranslate2 cannot hand device memory
+    to numpy, and on a GPU the encoder pass is cheap.
+    """
+
+    def __init__(self, encode: Callable[[np.ndarray], Any], enabled: bool) -> None:
+        self._encode = encode
+        self._enabled = enabled
+        self._local = threading.local()
+
+    def _store(self) -> dict[bytes, np.ndarray]:
+        if not hasattr(self._local, "outputs"):
+            self._local.outputs = {}
+        return self._local.outputs
+
+    def remember(self, features: np.ndarray) -> Any:
+        """`features`' encoder output, kept for this thread's next `__call__` that meets them."""
+        encoded = self._encode(features)
+        if self._enabled:
+            self._store().update(zip((_window_key(f) for f in features), np.asarray(encoded), strict=True))
+        return encoded
+
+    def forget(self) -> None:
+        self._store().clear()
+
+    def __call__(self, features: np.ndarray) -> Any:
+        store = self._store()
+        if not store:
+            return self._encode(features)
+        import ctranslate2
+
+        batch = features if features.ndim == 3 else features[None]
+        outputs = [store.pop(_window_key(f), None) for f in batch]
+        missing = [i for i, out in enumerate(outputs) if out is None]
+        if len(missing) == len(batch):
+            return self._encode(features)
+        if missing:
+            for i, out in zip(missing, np.asarray(self._encode(batch[missing])), strict=True):
+                outputs[i] = out
+        return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(outputs)))
+
+
+def _window_key(features: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(features).tobytes(), digest_size=16).digest()
 
 
 def combine_language_probabilities(per_window: list[list[tuple[str, float]]]) -> list[tuple[str, float]]:

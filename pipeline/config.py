@@ -109,8 +109,8 @@ class AsrSettings(BaseModel):
     language_detection_windows: int = Field(
         4,
         ge=1,
-        description="Language detection: at most this many 30 s windows of speech, spread evenly over the "
-        "file, whose language probabilities are averaged (one encoder pass each; short files use one).",
+        description="Language detection: at most this many speech clips (those the decoder decodes, up to "
+        "30 s each), spread over the file, whose language probabilities are averaged (short files use one).",
     )
     alignment: bool = Field(False, description="Force-align words with wav2vec2 (WhisperX) when a model loads.")
     alignment_models: dict[str, str] = Field(

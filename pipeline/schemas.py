@@ -69,7 +69,7 @@ class Metadata(BaseModel):
     language_probability: float | None = Field(
         None,
         description="Whisper's probability of the detected language, averaged over up to "
-        "`asr.language_detection_windows` windows of speech; 1.0 when the language was given, "
+        "`asr.language_detection_windows` clips of speech; 1.0 when the language was given, "
         "null when there was no speech.",
     )
     device: dict[str, str] = Field(default_factory=dict, description="Device each model ran on.")

@@ -157,8 +157,8 @@ def test_detects_non_english_language(analyzer, code):
 
 def test_language_detection_looks_past_the_first_30_s(analyzer, dialogue_samples):
     """30 s of English, then 89 s of German. Whisper's own detection (the first
-    30 s) says English at p = 0.95; windows spread over all the speech find the
-    German majority (measured: de 0.70, en 0.26)."""
+    30 s) says English at p = 0.95; clips spread over all the speech find the
+    German majority (measured: de 0.68, en 0.26)."""
     import soundfile as sf
 
     de, _ = sf.read(fixture_path("sentence_de.flac"), dtype="float32")
@@ -168,6 +168,29 @@ def test_language_detection_looks_past_the_first_30_s(analyzer, dialogue_samples
     probabilities = dict(guess.probabilities)
     assert guess.language == "de"
     assert probabilities["de"] - probabilities["en"] >= 0.2
+
+
+def test_language_detection_costs_no_extra_encoder_pass(analyzer, dialogue_samples, monkeypatch):
+    """Detection encodes some of the decoder's own clips; the decoder reuses those outputs, so
+    each clip goes through Whisper's encoder once, and the words are those of a run that
+    encodes everything itself (language given)."""
+    transcriber = analyzer.transcriber
+    samples = np.concatenate([dialogue_samples] * 3)  # enough speech for several clips
+    clips = transcriber._speech_clips(samples)
+    assert len(clips) >= 3
+    encoded: list[int] = []
+    encode = transcriber._encoder._encode
+    monkeypatch.setattr(transcriber._encoder, "_encode", lambda f: encoded.append(len(f)) or encode(f))
+
+    detected = transcriber.transcribe(samples, None)
+    assert detected.language == "en"
+    assert sum(encoded) == len(clips)  # before: len(clips) + the detection windows
+
+    encoded.clear()
+    given = transcriber.transcribe(samples, "en")
+    assert sum(encoded) == len(clips)
+    assert [w.word for w in detected.words] == [w.word for w in given.words]
+    assert not transcriber._encoder._store()  # nothing kept after the call
 
 
 def test_forced_language_is_used(analyzer):

@@ -12,7 +12,7 @@ from pipeline.asr import (
     TranscriptSegment,
     check_language,
     combine_language_probabilities,
-    detection_windows,
+    detection_clips,
     interpolate_missing,
 )
 from pipeline.assembly import assemble, join_words, speaker_of, tidy_times
@@ -123,25 +123,21 @@ def test_overlapped_speech_counts_for_each_speaker():
 # -- language detection ------------------------------------------------------
 
 
-def test_detection_windows_spread_over_all_the_speech():
-    # 100 s of speech in three clips with silence between them.
-    clips = [{"start": 0.0, "end": 20.0}, {"start": 25.0, "end": 55.0}, {"start": 60.0, "end": 110.0}]
-    windows = detection_windows(clips, 30.0, 4)
-    assert len(windows) == 4
-    for pieces in windows:
-        assert sum(end - start for start, end in pieces) == pytest.approx(30.0)
-        assert all(any(c["start"] <= s < e <= c["end"] for c in clips) for s, e in pieces)  # speech only
-    # Starts at 0, 23.3, 46.7 and 70 s of speech: the last window ends with the last speech.
-    assert windows[0] == [(0.0, 20.0), (25.0, 35.0)]
-    assert windows[2] == [(pytest.approx(51.667, abs=1e-3), 55.0), (60.0, pytest.approx(86.667, abs=1e-3))]
-    assert windows[3] == [(80.0, 110.0)]
+def test_detection_clips_spread_over_all_the_speech():
+    # 100 s of speech in five clips: the longest clip of each quarter of the speech.
+    lengths = [20.0, 30.0, 5.0, 25.0, 20.0]
+    starts = np.cumsum([0.0] + lengths[:-1]) + 3.0 * np.arange(5)  # 3 s of silence between clips
+    clips = [{"start": float(s), "end": float(s) + n} for s, n in zip(starts, lengths, strict=True)]
+    # Middles at 10, 35, 52.5, 67.5 and 90 s of speech: quarters 0, 1, 2, 2, 3.
+    assert detection_clips(clips, 4) == [0, 1, 3, 4]
+    assert detection_clips(clips, 1) == [1]
+    assert detection_clips(clips, 2) == [1, 3]
 
 
-def test_detection_windows_no_more_than_the_speech_needs():
-    assert detection_windows([{"start": 1.0, "end": 9.0}], 30.0, 4) == [[(1.0, 9.0)]]
-    assert len(detection_windows([{"start": 0.0, "end": 35.0}], 30.0, 4)) == 2
-    assert detection_windows([{"start": 0.0, "end": 600.0}], 30.0, 1) == [[(0.0, 30.0)]]
-    assert detection_windows([], 30.0, 4) == []
+def test_detection_clips_no_more_than_the_clips():
+    assert detection_clips([{"start": 1.0, "end": 9.0}], 4) == [0]
+    assert detection_clips([{"start": 0.0, "end": 30.0}, {"start": 31.0, "end": 36.0}], 4) == [0, 1]
+    assert detection_clips([], 4) == []
 
 
 def test_language_probabilities_are_averaged_over_windows():
