@@ -189,7 +189,9 @@ def test_language_detection_costs_no_extra_encoder_pass(analyzer, dialogue_sampl
     encoded.clear()
     given = transcriber.transcribe(samples, "en")
     assert sum(encoded) == len(clips)
-    assert [w.word for w in detected.words] == [w.word for w in given.words]
+    # Equal on this machine; the margin allows for another CPU's batched arithmetic flipping a word.
+    said = [" ".join(w.word for w in t.words) for t in (given, detected)]
+    assert jiwer.wer(words_of(said[0]), words_of(said[1])) <= 0.02
     assert not transcriber._encoder._store()  # nothing kept after the call
 
 
