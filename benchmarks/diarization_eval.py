@@ -234,11 +234,14 @@ class Evaluator:
     file and segmentation setting, so a sweep of clustering parameters (or a
     second run) re-runs only clustering; its RTF column then means nothing."""
 
-    def __init__(self, overrides: dict[str, Any], cache: bool) -> None:
+    def __init__(self, overrides: dict[str, Any], cache: bool, given_count: str | None = None) -> None:
         from pipeline.config import Settings
         from pipeline.diarization import PyannoteDiarizer
 
         self.settings = Settings(diarization=overrides)
+        # "num", "min" or "max": each file's true count is given as `num_speakers`, `min_speakers` or
+        # `max_speakers`, as a user who knows it would.
+        self.given_count = given_count
         self.diarizer = PyannoteDiarizer(self.settings.diarization)
         d = self.settings.diarization
         # Keyed by what segmentation and embeddings depend on: the settings and the code.
@@ -277,12 +280,15 @@ class Evaluator:
                 raise SystemExit(f"{key} is not a hyper-parameter of this pipeline")
             setattr(owner, name, value)
 
-    def run(self, name: str, samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
+    def run(self, file: EvalFile, samples: np.ndarray) -> tuple[list[tuple[float, float, str]], float]:
         import torch
 
+        counts = {}
+        if self.given_count:
+            counts[f"{self.given_count}_speakers"] = len({speaker for _, _, speaker in file.turns})
         t = time.perf_counter()
-        file = {"waveform": torch.from_numpy(samples)[None], "sample_rate": SAMPLE_RATE, "uri": name}
-        output = self.diarizer._pipeline(file)
+        audio = {"waveform": torch.from_numpy(samples)[None], "sample_rate": SAMPLE_RATE, "uri": file.name}
+        output = self.diarizer._pipeline(audio, **counts)
         seconds = time.perf_counter() - t
         ann = getattr(output, "speaker_diarization", output)
         return [(s.start, s.end, str(label)) for s, _, label in ann.itertracks(yield_label=True)], seconds
@@ -334,7 +340,7 @@ def evaluate(files, runner, with_words: bool) -> list[dict[str, Any]]:
     rows = []
     for file in files:
         samples = load(file.audio)
-        hyp, seconds = runner(file.name, samples)
+        hyp, seconds = runner(file, samples)
         words = speakers_of_words(asr_words(file, samples), hyp) if with_words else None
         row = {"file": file.name, "synthetic": file.synthetic, **scores(file.turns, hyp, words)}
         row["rtf"] = seconds / (len(samples) / SAMPLE_RATE)
@@ -409,11 +415,18 @@ def main() -> None:
     parser.add_argument("--cached", action="store_true", help="reuse segmentation and embeddings from disk")
     parser.add_argument("--json", type=Path, help="write every row here")
     parser.add_argument("--only", help="substring of the file names to keep")
+    parser.add_argument(
+        "--given-count",
+        choices=["num", "min", "max"],
+        help="give our diarizer each file's true speaker count as num_speakers, min_speakers or max_speakers",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     files = [f for f in dataset(args.split) if not args.only or args.only in f.name]
-    evaluator = Evaluator(parse_overrides(args.set), cache=bool(args.sweep) or args.cached)
+    evaluator = Evaluator(
+        parse_overrides(args.set), cache=bool(args.sweep) or args.cached, given_count=args.given_count
+    )
     results: dict[str, list[dict[str, Any]]] = {}
     if args.sweep:  # every combination; segmentation and embeddings are computed once per file
         grid = [[(k, float(v)) for v in values.split(",")] for k, values in (s.split("=") for s in args.sweep)]

@@ -40,7 +40,7 @@ def labelled_stretches(leave_out: list[str]) -> tuple[np.ndarray, np.ndarray]:
     for file in dataset("dev"):
         if any(file.name.startswith(prefix) for prefix in leave_out):
             continue
-        evaluator.run(file.name, load(file.audio))
+        evaluator.run(file, load(file.audio))
         for stretch in evaluator.diarizer._pipeline._stretches:
             start, end = stretch.start / TRUNK_FPS, stretch.end / TRUNK_FPS
             if end - start < MIN_SECONDS:

@@ -40,9 +40,16 @@ class AnalysisOptions(BaseModel):
     """What a caller may ask of one analysis besides the media itself."""
 
     language: str = Field("auto", description="'auto' to detect, or an ISO 639-1 code such as 'en'.")
-    num_speakers: int | None = Field(None, ge=1, description="Exact number of speakers, when known.")
-    min_speakers: int | None = Field(None, ge=1)
-    max_speakers: int | None = Field(None, ge=1)
+    num_speakers: int | None = Field(
+        None,
+        ge=1,
+        description="Exact number of speakers: every one gets a share, even a voice heard for a second "
+        "(on real recordings `max_speakers` measured better; see the README).",
+    )
+    min_speakers: int | None = Field(None, ge=1, description="Fewest speakers the count may give.")
+    max_speakers: int | None = Field(
+        None, ge=1, description="Most speakers the count may give: the safest hint when the speakers are known."
+    )
     prompt: str | None = Field(
         None,
         max_length=MAX_PROMPT_CHARS,
