@@ -191,9 +191,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
     if not segmentation.specifications.powerset:  # a multi-label model's activations need a threshold
         params["threshold"] = 0.5
     if settings.clustering == "spectral":
-        from pipeline.clustering import SpectralSpeakerClustering
-
-        pipeline.clustering = SpectralSpeakerClustering()
+        pipeline.clustering = _refined_clustering("spectral")()
         clustering = {
             "neighbours": settings.spectral_neighbours,
             "sharpness": settings.spectral_sharpness,
@@ -203,8 +201,43 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
             "split_ratio": settings.split_ratio,
         }
     else:
+        pipeline.clustering = _refined_clustering("agglomerative")(metric="cosine")
         clustering = {"method": "centroid", "min_cluster_size": 3, "threshold": settings.clustering_threshold}
+    pipeline.clustering.refine = pipeline.split_by_stretches
     return pipeline.instantiate({"segmentation": params, "clustering": clustering})
+
+
+def _refined_clustering(kind: str) -> type:
+    """The clustering step, followed by `refine(embeddings, hard_clusters) -> hard_clusters` (which may
+    add speakers), with the centroids then computed again.
+
+    Why here and not in `reconstruct`: pyannote indexes the clustering's
+    centroids by speaker at the end of `apply`, so a speaker added later, in a
+    file where another speaker then has no turn left, had no centroid row (an
+    IndexError).
+    """
+    from pyannote.audio.pipelines.clustering import AgglomerativeClustering
+
+    from pipeline.clustering import SpectralSpeakerClustering
+
+    base = SpectralSpeakerClustering if kind == "spectral" else AgglomerativeClustering
+
+    class RefinedClustering(base):
+        refine: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+
+        def __call__(self, embeddings, segmentations=None, **kwargs):
+            hard, soft, centroids = super().__call__(embeddings, segmentations=segmentations, **kwargs)
+            if self.refine is None or segmentations is None:
+                return hard, soft, centroids
+            # Speakers silent in a chunk are left out, as pyannote leaves them out after this step.
+            silent = np.sum(segmentations.data, axis=1) == 0
+            refined = self.refine(embeddings, np.where(silent, -2, hard))
+            refined = np.where(silent, hard, refined)  # any speaker will do: pyannote drops these
+            if refined.max() == hard.max():
+                return hard, soft, centroids
+            return refined, soft, cluster_centroids(embeddings, refined, int(refined.max()) + 1)
+
+    return RefinedClustering
 
 
 def _no_plda() -> Any:
@@ -291,9 +324,6 @@ def _embedded_pipeline_class() -> type:
             return self._embeddings
 
         def reconstruct(self, segmentations, hard_clusters, count):
-            # First a speaker that is two merged voices may split (pyannote calls this
-            # twice per file, the same both times).
-            hard_clusters = self._split_by_stretches(hard_clusters)
             # Where the segmentation hears more voices at once than clustering found
             # speakers, pyannote pads a nameless extra speaker: a monologue with a
             # noisy "overlap" came out as two speakers. No frame can hold more
@@ -308,12 +338,14 @@ def _embedded_pipeline_class() -> type:
         def to_annotation(self, discrete_diarization, min_duration_on=0.0, min_duration_off=0.0):
             return trimmed_annotation(discrete_diarization, *self.edge_trim, min_duration_on, min_duration_off)
 
-        def _split_by_stretches(self, hard_clusters: np.ndarray) -> np.ndarray:
+        def split_by_stretches(self, embeddings: np.ndarray, hard_clusters: np.ndarray) -> np.ndarray:
+            """The clustering's refinement (see `_refined_clustering`): a speaker that is two merged
+            voices may split."""
             ratio, seconds = self.stretch_split
             if not ratio or hard_clusters.max() < 0 or not self._stretches:
                 return hard_clusters
             return split_by_stretches(
-                self._embeddings, hard_clusters, self._stretches, ratio, seconds, self._most_speakers, self.subspace
+                embeddings, hard_clusters, self._stretches, ratio, seconds, self._most_speakers, self.subspace
             )
 
     return EmbeddedSpeakerDiarization

@@ -294,6 +294,49 @@ def test_long_files_are_clustered_from_a_sample():
     assert all(len(set(labels[truth_labels == k])) == 1 for k in range(2))
 
 
+def test_a_speaker_added_after_clustering_gets_a_centroid():
+    """The clustering step's refinement (the stretch split) may add a speaker. pyannote indexes
+    the clustering's centroids by speaker at the end of `apply`, so the step must return one
+    centroid per speaker, the added one included; silent (chunk, speaker) pairs are not offered
+    to the refinement, as pyannote drops them."""
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    from pipeline.diarization import _refined_clustering
+
+    x, truth_labels = voices_on_the_sphere([40, 40], spread=0.08)
+    embeddings = x.reshape(40, 2, EMBEDDING_DIM)  # chunk c: local speakers of voices 0 and 1
+    activity = np.ones((40, 50, 2))
+    activity[::5, :, 1] = 0  # every fifth chunk: the second local speaker is silent
+    segmentations = SlidingWindowFeature(activity, SlidingWindow(start=0.0, duration=10.0, step=2.5))
+    offered = []
+
+    def split_off_the_last_chunks(embeddings, hard):
+        offered.append(hard.copy())
+        hard = hard.copy()
+        hard[30:][hard[30:] == hard[0, 0]] = hard.max() + 1  # a third speaker in the last ten chunks
+        return hard
+
+    clustering = _refined_clustering("spectral")()
+    clustering.instantiate(
+        {
+            "neighbours": 10,
+            "sharpness": 10.0,
+            "merge_ratio": 0.97,
+            "merge_threshold": 0.8,
+            "blend_fit": 0.97,
+            "split_ratio": 0.8,
+        }
+    )
+    clustering.refine = split_off_the_last_chunks
+    hard, _, centroids = clustering(embeddings, segmentations=segmentations)
+    assert hard.max() == 2 and len(centroids) == 3
+    assert (offered[0][::5, 1] == -2).all() and (offered[0][1::5, 1] >= 0).all()
+    for k in range(3):  # each centroid is its speaker's mean direction
+        members = embeddings[hard == k]
+        mean = members.mean(axis=0) / np.linalg.norm(members.mean(axis=0))
+        assert centroids[k] @ mean > 0.99
+
+
 def test_short_files_are_split_too():
     """A few seconds give a handful of embeddings: two voices as far apart as CAM++ puts a man
     and a woman (cosine ~0.45) must still be two speakers, one voice one speaker."""
