@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class Graph:
     """`Stages` over Serve handles: each call made again when its replica dies or it times out."""
 
-    concurrent = True
+    phases = (("transcription", "diarization", "acoustics"),)  # each in replicas of its own
 
     def __init__(
         self,

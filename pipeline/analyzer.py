@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 # Rough share of wall time per stage on CPU, so overall progress moves evenly.
 STAGE_WEIGHTS = {"media": 5, "transcription": 55, "diarization": 30, "acoustics": 5, "assembly": 5}
-SEQUENTIAL_ORDER = ("diarization", "transcription", "acoustics")  # the middle stages, in one process
+Phases = tuple[tuple[str, ...], ...]
 MAX_PROMPT_CHARS = 2000  # several times what Whisper keeps (223 tokens): more is a mistake, not a prompt
 
 
@@ -81,10 +81,11 @@ class Stages(Protocol):
     `load` answers the decoded audio and a reference to it, which is what the
     other stages take (the audio itself in one process; an object-store
     reference in the Serve graph, so that no replica copies it through the
-    ingress). `concurrent` says whether the three middle stages may run at once.
+    ingress). `phases` says in what order the three middle stages run: the
+    stages of one phase run at once, each phase after the one before.
     """
 
-    concurrent: bool
+    phases: Phases
 
     async def load(self, source: Source) -> tuple[Audio, Any]: ...
 
@@ -112,16 +113,11 @@ async def run_analysis(
         "diarization": lambda: stages.diarize(ref, options, progress),
         "acoustics": lambda: stages.tracks(ref, progress),
     }
-    if stages.concurrent:
-        transcript, diarization, tracks = await _all_or_none(
-            [_timed(timings, name, call()) for name, call in middle.items()]
-        )
-    else:
-        # Diarization first: in one process, torch ran about 45 % slower after a CTranslate2
-        # transcription (neither threads, CPU affinity nor denormals explained it), while the
-        # transcription takes as long after torch as before it.
-        done = {name: await _timed(timings, name, middle[name]()) for name in SEQUENTIAL_ORDER}
-        transcript, diarization, tracks = (done[name] for name in middle)
+    done: dict[str, Any] = {}
+    for phase in stages.phases:
+        outcomes = await _all_or_none([_timed(timings, name, middle[name]()) for name in phase])
+        done.update(zip(phase, outcomes, strict=True))
+    transcript, diarization, tracks = (done[name] for name in middle)
 
     result = await asyncio.to_thread(build_result, transcript, diarization, tracks, audio.duration, timings, started)
     progress("assembly", 1.0, "analysis complete")
@@ -131,16 +127,19 @@ async def run_analysis(
 class Analyzer:
     """The stages in this process: owns one model of each kind, loaded once; analyses one file per call.
 
-    The middle stages run one after the other: each already uses every core
-    (CTranslate2 and torch threads), so running them at once only adds contention.
-    They run on the calling thread, blocking the event loop of `analyze`, which is
-    theirs alone: diarization on a worker thread took 8.3 s where the main thread
-    took 5.2 s (3 minutes, 2 cores). With OMP_WAIT_POLICY=PASSIVE the main thread
-    is as slow, so it is how OpenMP's threads wait between parallel regions
-    (libgomp spins less once it manages more threads than there are cores).
+    Diarization runs first and alone, on every core, and on the calling thread,
+    blocking the event loop of `analyze`, which is theirs alone: on a worker
+    thread it took 8.3 s where the main thread took 5.2 s (3 minutes, 2 cores;
+    with OMP_WAIT_POLICY=PASSIVE the main thread is as slow, so it is how
+    OpenMP's threads wait between parallel regions). It runs before the
+    transcription because torch ran about 45 % slower after a CTranslate2
+    transcription in one process, while the transcription takes as long after
+    torch as before it. The acoustic tracks (mostly one core) then run beside
+    the transcription, on worker threads: the 10-minute benchmark's whole
+    analysis took 35-36 s where the three one after another took 38-41 s.
     """
 
-    concurrent = False
+    phases: Phases = (("diarization",), ("transcription", "acoustics"))
 
     def __init__(
         self,
@@ -171,14 +170,14 @@ class Analyzer:
     async def transcribe(
         self, audio: Any, language: str, progress: ProgressHook, prompt: str | None = None
     ) -> Transcript:
-        return self.transcriber.transcribe(audio, language, progress, prompt)
+        return await asyncio.to_thread(self.transcriber.transcribe, audio, language, progress, prompt)
 
     async def diarize(self, audio: Any, options: AnalysisOptions, progress: ProgressHook) -> Diarization:
         counts = (options.num_speakers, options.min_speakers, options.max_speakers)
         return self.diarizer.diarize(audio, *counts, progress)
 
     async def tracks(self, audio: Any, progress: ProgressHook) -> FrameTracks:
-        return frame_tracks(audio, self.settings.acoustics, progress)
+        return await asyncio.to_thread(frame_tracks, audio, self.settings.acoustics, progress)
 
 
 def build_result(

@@ -21,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -38,6 +40,8 @@ from pipeline.schemas import WordTiming
 
 log = logging.getLogger(__name__)
 STAGE = "transcription"
+T = TypeVar("T")
+R = TypeVar("R")
 LOOP_NGRAM = 4  # a clip decoded into a loop is decoded again with no n-gram this long said twice
 
 
@@ -107,6 +111,7 @@ class _Prepared:
     probability: float | None
     clips: list[dict[str, float]]
     aligner: tuple[Any, dict, str] | None
+    encoded: list[bytes] = field(default_factory=list)  # detection's encoder outputs kept for the decoder
 
 
 class SpeechRecognizer(Protocol):
@@ -138,7 +143,7 @@ class WhisperXTranscriber:
     """Owns a Whisper model (and VAD/alignment models); transcribes one file per call."""
 
     def __init__(self, settings: AsrSettings, cache_dir: Path) -> None:
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
+        from faster_whisper import WhisperModel
 
         self._settings = settings
         self.device = resolve_device(settings.device)
@@ -153,14 +158,20 @@ class WhisperXTranscriber:
         # OMP_NUM_THREADS, which Ray sets to a replica's num_cpus (1 here), and
         # a single-threaded decoder would dominate the whole analysis.
         threads = settings.cpu_threads or os.cpu_count() or 1
+        self.decoders = settings.decoders or (1 if self.device == "cuda" else min(2, threads))
         try:
-            self._model = WhisperModel(model_path, device=self.device, compute_type=compute_type, cpu_threads=threads)
+            self._model = WhisperModel(
+                model_path,
+                device=self.device,
+                compute_type=compute_type,
+                cpu_threads=max(1, threads // self.decoders),
+                num_workers=self.decoders,  # CTranslate2 runs this many calls at once, one per thread
+            )
         except Exception as e:  # CTranslate2/hub raise many types; all mean "no model"
             raise ModelError(f"could not load Whisper model {settings.model!r}: {e}") from e
         # The batched decoder calls `self._model.encode`: the stand-in gives it language detection's outputs.
-        self._encoder = EncoderReuse(self._model.encode, enabled=self.device == "cpu")
+        self._encoder = EncoderReuse(self._model.encode, enabled=self.device == "cpu", threads=self.decoders)
         self._model.encode = self._encoder
-        self._pipeline = BatchedInferencePipeline(self._model)
         self._pyannote_vad: Any = None
         self._aligners: dict[str, tuple[Any, dict, str] | None] = {}
         log.info("loaded Whisper %s on %s (%s)", settings.model, self.device, compute_type)
@@ -215,7 +226,8 @@ class WhisperXTranscriber:
                 for i, segments in zip(indices, decoded, strict=True):
                     outcomes[i] = self._finish(prepared[i], segments)
         finally:
-            self._encoder.forget()  # outputs the decoder did not meet (another file's offsets, an error)
+            for p in prepared.values():
+                self._encoder.forget(p.encoded)  # outputs the decoder did not meet (another file's offsets, an error)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def _prepare(self, request: TranscriptionRequest) -> _Prepared:
@@ -225,15 +237,16 @@ class WhisperXTranscriber:
         request.progress(STAGE, 0.0, "detecting speech")
         clips = self._speech_clips(request.samples)
         probability: float | None = 1.0
+        encoded: list[bytes] = []
         if self.english_only:
             language = "en"
         elif language is None and clips:
-            guess = self._detect_language(request.samples, clips)
+            guess = self._detect_language(request.samples, clips, encoded)
             language, probability = guess.language, guess.probability
         elif language is None:
             language, probability = "en", None  # no speech: nothing to detect, nothing to transcribe
         aligner = self._aligner(language) if self._settings.alignment else None
-        return _Prepared(request, language, probability, clips, aligner)
+        return _Prepared(request, language, probability, clips, aligner, encoded)
 
     def _speech_clips(self, samples: np.ndarray) -> list[dict[str, float]]:
         """Speech regions merged into chunks of at most chunk_size_s, in seconds (WhisperX's recipe)."""
@@ -255,23 +268,24 @@ class WhisperXTranscriber:
     def detect_language(self, samples: np.ndarray) -> LanguageGuess | None:
         """The language of `samples`' speech (see `_detect_language`); None when VAD finds no speech."""
         clips = self._speech_clips(samples)
+        encoded: list[bytes] = []
         try:
-            return self._detect_language(samples, clips) if clips else None
+            return self._detect_language(samples, clips, encoded) if clips else None
         finally:
-            self._encoder.forget()  # nothing is decoded after
+            self._encoder.forget(encoded)  # nothing is decoded after
 
-    def _detect_language(self, samples: np.ndarray, clips: list[dict[str, float]]) -> LanguageGuess:
+    def _detect_language(self, samples: np.ndarray, clips: list[dict[str, float]], kept: list[bytes]) -> LanguageGuess:
         """Whisper's language probabilities over several clips of speech spread across the file.
 
         faster-whisper's own `detect_language` looks at the first 30 s only, so
         a file that opens with music, a jingle or another language was
         confidently misdetected. The clips are the decoder's own, so their
         encoder outputs are kept for it (see `EncoderReuse`): detection costs
-        no extra encoder pass.
+        no extra encoder pass. The keys of the kept outputs are added to `kept`.
         """
         chosen = [clips[i] for i in detection_clips(clips, self._settings.language_detection_windows)]
         features = np.stack([self._clip_features(samples, clip) for clip in chosen])
-        encoded = self._encoder.remember(features)
+        encoded = self._encoder.remember(features, kept)
         per_window = [
             [(token[2:-2], float(p)) for token, p in result]  # "<|fr|>" -> "fr"
             for result in self._model.model.detect_language(encoded)
@@ -304,19 +318,13 @@ class WhisperXTranscriber:
             return results
         timeline = np.concatenate([f.request.samples for f in files]) if len(files) > 1 else files[0].request.samples
         word_timestamps = files[0].aligner is None  # one language, so one aligner (or none) for all
-        segments, _ = self._pipeline.transcribe(
-            timeline,
-            language=language,
-            batch_size=self._settings.batch_size,
-            beam_size=self._settings.beam_size,
-            initial_prompt=prompt,  # a per-call argument: nothing shared with other calls is changed
-            vad_filter=False,
-            clip_timestamps=clips,
-            chunk_length=int(self._settings.chunk_size_s),
-            word_timestamps=word_timestamps,
-        )
-        # A generator: decoding happens as we iterate.
-        for seg in self._without_loops(segments, timeline, language, prompt, word_timestamps):
+        speech = [sum(c["end"] - c["start"] for c in f.clips) for f in files]
+        heard = [0.0] * len(files)
+
+        def decode(group: list[dict[str, float]]) -> Iterator[Any]:
+            return self._decode_clips(timeline, group, language, prompt, word_timestamps)
+
+        for seg in in_parallel(decode, split_evenly(clips, self.decoders)):
             owner = int(np.searchsorted(offsets, round(seg.start * SAMPLE_RATE), side="right")) - 1
             shift = offsets[owner] / SAMPLE_RATE
             words = [
@@ -328,11 +336,36 @@ class WhisperXTranscriber:
             ]
             start, end = float(seg.start - shift), float(seg.end - shift)
             results[owner].append(TranscriptSegment(start, end, seg.text.strip(), words))
-            duration = len(files[owner].request.samples) / SAMPLE_RATE
+            heard[owner] += end - start
             files[owner].request.progress(
-                STAGE, min(end / duration, 0.99), f"transcribed {end:.0f} of {duration:.0f} s"
+                STAGE,
+                min(heard[owner] / max(speech[owner], 1e-9), 0.99),
+                f"transcribed {min(heard[owner], speech[owner]):.0f} of {speech[owner]:.0f} s of speech",
             )
+        for segments in results:
+            segments.sort(key=lambda seg: seg.start)  # the decoders' segments arrive interleaved
         return results
+
+    def _decode_clips(
+        self, timeline: np.ndarray, clips: list[dict[str, float]], language: str, prompt: str | None, words: bool
+    ) -> Iterator[Any]:
+        """faster-whisper's batched decoding of `clips` of `timeline`, as a generator of its segments."""
+        from faster_whisper import BatchedInferencePipeline
+
+        # A pipeline per call: it keeps the last word's end between batches, which decoders must not share.
+        segments, _ = BatchedInferencePipeline(self._model).transcribe(
+            timeline,
+            language=language,
+            batch_size=self._settings.batch_size,
+            beam_size=self._settings.beam_size,
+            initial_prompt=prompt,  # a per-call argument: nothing shared with other calls is changed
+            vad_filter=False,
+            clip_timestamps=clips,
+            chunk_length=int(self._settings.chunk_size_s),
+            word_timestamps=words,
+        )
+        # A generator: decoding happens as we iterate.
+        return self._without_loops(segments, timeline, language, prompt, words)
 
     def _without_loops(
         self, segments: Iterable[Any], timeline: np.ndarray, language: str, prompt: str | None, words: bool
@@ -462,47 +495,118 @@ def detection_clips(clips: list[dict[str, float]], count: int) -> list[int]:
     return [int(np.flatnonzero(share == s)[np.argmax(lengths[share == s])]) for s in np.unique(share)]
 
 
+def split_evenly(items: list[T], parts: int) -> list[list[T]]:
+    """`items` cut into at most `parts` runs of consecutive items whose lengths differ by one at most."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(parts)])
+    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def in_parallel(produce: Callable[[T], Iterable[R]], inputs: list[T]) -> Iterator[R]:
+    """The items of `produce(x)` for every input, each input's produced on a thread of its own, yielded
+    in the order they come. An error in one thread is raised here once the others have stopped."""
+    if len(inputs) == 1:
+        yield from produce(inputs[0])  # nothing to overlap: no thread
+        return
+    items: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    finished = object()
+
+    def work(x: T) -> None:
+        try:
+            for item in produce(x):
+                if stop.is_set():
+                    break
+                items.put(item)
+        except BaseException as e:  # re-raised by the consumer below
+            items.put(_Raised(e))
+        finally:
+            items.put(finished)
+
+    threads = [threading.Thread(target=work, args=(x,), name=f"decoder-{i}", daemon=True) for i, x in enumerate(inputs)]
+    for thread in threads:
+        thread.start()
+    try:
+        running = len(threads)
+        while running:
+            item = items.get()
+            if item is finished:
+                running -= 1
+            elif isinstance(item, _Raised):
+                raise item.error
+            else:
+                yield item
+    finally:
+        stop.set()  # a thread still decoding stops after its current batch
+        for thread in threads:
+            thread.join()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
 class EncoderReuse:
-    """Stands in for `WhisperModel.encode`, handing back the outputs of feature windows that this
-    thread asked it to `remember`, instead of encoding them again.
+    """Stands in for `WhisperModel.encode`, handing back the outputs of feature windows that were
+    `remember`ed, instead of encoding them again.
 
     Why: language detection encodes a few of the clips the batched decoder
     encodes next (faster-whisper calls `model.encode` inside its batch step);
     on 2 CPU cores each 30 s window costs about 0.5 s of encoder. Outputs are
     matched by the features' bytes, so a window is reused only when it is
-    exactly the one remembered. Per thread, because requests may be decoded on
-    several threads at once. CPU only: CTranslate2 cannot hand device memory
-    to numpy, and on a GPU the encoder pass is cheap.
+    exactly the one remembered, whichever thread decodes it (the decoders run
+    on threads of their own): equal features have equal outputs, so a request
+    that meets another's window gets the right output too. CPU only:
+    CTranslate2 cannot hand device memory to numpy, and on a GPU the encoder
+    pass is cheap.
     """
 
-    def __init__(self, encode: Callable[[np.ndarray], Any], enabled: bool) -> None:
+    def __init__(self, encode: Callable[[np.ndarray], Any], enabled: bool, threads: int = 1) -> None:
         self._encode = encode
         self._enabled = enabled
-        self._local = threading.local()
+        self._threads = threads if enabled else 1
+        self._lock = threading.Lock()
+        self._outputs: dict[bytes, np.ndarray] = {}
 
-    def _store(self) -> dict[bytes, np.ndarray]:
-        if not hasattr(self._local, "outputs"):
-            self._local.outputs = {}
-        return self._local.outputs
+    def remember(self, features: np.ndarray, keys: list[bytes]) -> Any:
+        """`features`' encoder output, kept for the next `__call__` that meets them; their keys are
+        added to `keys`, for `forget`. The windows are shared among the model's decoders, which run
+        one call each at once."""
+        parts = np.array_split(features, min(self._threads, len(features)))
+        if len(parts) == 1:
+            encoded = self._encode(features)
+        else:
+            import ctranslate2
 
-    def remember(self, features: np.ndarray) -> Any:
-        """`features`' encoder output, kept for this thread's next `__call__` that meets them."""
-        encoded = self._encode(features)
+            with ThreadPoolExecutor(len(parts)) as pool:
+                outputs = list(pool.map(lambda part: np.asarray(self._encode(part)), parts))
+            encoded = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(outputs)))
         if self._enabled:
-            self._store().update(zip((_window_key(f) for f in features), np.asarray(encoded), strict=True))
+            kept = {_window_key(f): out for f, out in zip(features, np.asarray(encoded), strict=True)}
+            with self._lock:
+                self._outputs.update(kept)
+            keys.extend(kept)
         return encoded
 
-    def forget(self) -> None:
-        self._store().clear()
+    def forget(self, keys: list[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                self._outputs.pop(key, None)
+
+    def kept(self) -> int:
+        """How many outputs are waiting for the decoder."""
+        return len(self._outputs)
 
     def __call__(self, features: np.ndarray) -> Any:
-        store = self._store()
-        if not store:
+        if not self._outputs:
             return self._encode(features)
         import ctranslate2
 
         batch = features if features.ndim == 3 else features[None]
-        outputs = [store.pop(_window_key(f), None) for f in batch]
+        with self._lock:
+            outputs = [self._outputs.pop(_window_key(f), None) for f in batch]
         missing = [i for i, out in enumerate(outputs) if out is None]
         if len(missing) == len(batch):
             return self._encode(features)

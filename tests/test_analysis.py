@@ -12,6 +12,7 @@ import pytest
 from pyannote.core import Annotation, Segment
 from pyannote.metrics.diarization import DiarizationErrorRate
 
+from pipeline.acoustics import frame_tracks
 from pipeline.analyzer import AnalysisOptions
 from pipeline.errors import InputError, UnsupportedLanguage
 from tests.conftest import ffmpeg, fixture_path, truth, words_of
@@ -192,7 +193,60 @@ def test_language_detection_costs_no_extra_encoder_pass(analyzer, dialogue_sampl
     # Equal on this machine; the margin allows for another CPU's batched arithmetic flipping a word.
     said = [" ".join(w.word for w in t.words) for t in (given, detected)]
     assert jiwer.wer(words_of(said[0]), words_of(said[1])) <= 0.02
-    assert not transcriber._encoder._store()  # nothing kept after the call
+    assert not transcriber._encoder.kept()  # nothing kept after the call
+
+
+def test_two_decoders_give_the_words_of_one(settings, dialogue_samples):
+    """Clips decoded by two one-thread decoders side by side (the CPU default) come back in time
+    order with the words one decoder gives, and both decoders did decode."""
+    import threading
+
+    from pipeline.asr import WhisperXTranscriber
+
+    samples = np.concatenate([dialogue_samples] * 3)  # several clips, so each decoder gets some
+    said = []
+    for decoders in (1, 2):
+        transcriber = WhisperXTranscriber(settings.asr.model_copy(update={"decoders": decoders}), settings.cache_dir)
+        threads: set[str] = set()
+        encode = transcriber._encoder._encode
+
+        def noted(features, encode=encode, threads=threads):
+            threads.add(threading.current_thread().name)
+            return encode(features)
+
+        transcriber._encoder._encode = noted
+        transcript = transcriber.transcribe(samples, "en")
+        assert len(threads) == decoders
+        starts = [s.start for s in transcript.segments]
+        assert starts == sorted(starts)
+        said.append(" ".join(w.word for w in transcript.words))
+    # Equal on this machine; the margin allows for one- and two-thread arithmetic flipping a word elsewhere.
+    assert jiwer.wer(words_of(said[0]), words_of(said[1])) <= 0.02
+
+
+def test_acoustics_run_beside_the_transcription_after_diarization(analyzer, monkeypatch):
+    """In one process, diarization runs alone first; the acoustic tracks (mostly one core) then
+    run while the transcription decodes."""
+    import time
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    def timed(name, call):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                spans[name] = (start, time.perf_counter())
+
+        return run
+
+    monkeypatch.setattr(analyzer.diarizer, "diarize", timed("diarization", analyzer.diarizer.diarize))
+    monkeypatch.setattr(analyzer.transcriber, "transcribe", timed("transcription", analyzer.transcriber.transcribe))
+    monkeypatch.setattr("pipeline.analyzer.frame_tracks", timed("acoustics", frame_tracks))
+    analyzer.analyze(str(fixture_path("dialogue_en.flac")), AnalysisOptions(language="en"))
+    assert spans["diarization"][1] <= min(spans["transcription"][0], spans["acoustics"][0])
+    assert spans["acoustics"][0] < spans["transcription"][1] and spans["transcription"][0] < spans["acoustics"][1]
 
 
 def test_forced_language_is_used(analyzer):

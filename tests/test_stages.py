@@ -13,7 +13,9 @@ from pipeline.asr import (
     check_language,
     combine_language_probabilities,
     detection_clips,
+    in_parallel,
     interpolate_missing,
+    split_evenly,
 )
 from pipeline.assembly import assemble, join_words, speaker_of, tidy_times
 from pipeline.config import AcousticSettings, load_settings
@@ -138,6 +140,55 @@ def test_detection_clips_no_more_than_the_clips():
     assert detection_clips([{"start": 1.0, "end": 9.0}], 4) == [0]
     assert detection_clips([{"start": 0.0, "end": 30.0}, {"start": 31.0, "end": 36.0}], 4) == [0, 1]
     assert detection_clips([], 4) == []
+
+
+# -- decoders side by side ----------------------------------------------------
+
+
+def test_split_evenly_keeps_order_and_balances():
+    assert split_evenly(list(range(7)), 2) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 2) == [[1]]  # never an empty share
+    assert split_evenly([], 2) == [[]]
+
+
+def test_in_parallel_yields_every_item_from_threads_at_once():
+    import threading
+
+    both_running = threading.Barrier(2, timeout=10)  # each thread waits for the other: they run at once
+
+    def produce(n: int):
+        both_running.wait()
+        for i in range(n):
+            yield (threading.current_thread().name, i)
+
+    items = list(in_parallel(produce, [3, 4]))
+    assert sorted(i for _, i in items) == [0, 0, 1, 1, 2, 2, 3]
+    assert len({name for name, _ in items}) == 2
+    # One input: produced here, on the calling thread.
+    assert {name for name, _ in in_parallel(lambda n: [(threading.current_thread().name, n)], [1])} == {
+        threading.current_thread().name
+    }
+
+
+def test_in_parallel_raises_a_threads_error_after_the_others_stop():
+    import threading
+
+    stopped = threading.Event()
+
+    def produce(fail: bool):
+        if fail:
+            raise ValueError("bad clip")
+        try:
+            for i in range(10_000):
+                yield i
+                stopped.wait(0.001)
+        finally:
+            stopped.set()
+
+    with pytest.raises(ValueError, match="bad clip"):
+        list(in_parallel(produce, [False, True]))
+    assert stopped.is_set()  # the healthy thread was told to stop and had stopped
 
 
 def test_language_probabilities_are_averaged_over_windows():
