@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serve.py [--seconds 600] [--url http://127.0.0.1:8080]
 
-1. The CLI (`ecg-analyze`, one process, stages one after another) on the
+1. The CLI (`ecg-analyze`, one process: diarization, then transcription beside the acoustics) on the
    10-minute dialogue: its analysis time (model loading excluded).
 2. The same file through `POST /transcribe` on `serve run serve_config.yaml`
    (started here on a free port unless --url names a running server):

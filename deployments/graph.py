@@ -3,8 +3,10 @@
 The decoded audio stays in Ray's object store: the extraction's response is
 handed to the three stages as is, so each replica (on any node) reads it from
 there. The ingress reads it too, for its duration only (a zero-copy view).
-Transcription, diarization and the acoustic tracks run at once, each on its
-own replicas.
+Transcription, diarization and the acoustic tracks each run on replicas of
+their own: all at once with `jobs.stages_together`, otherwise in the order one
+process runs them (diarization first), which is faster where they share a
+machine's cores.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.errors import as_analyzer_error
 from pipeline.acoustics import FrameTracks
-from pipeline.analyzer import AnalysisOptions, Source, Upload
+from pipeline.analyzer import ALL_AT_ONCE, SHARED_CORES, AnalysisOptions, Source, Upload
 from pipeline.asr import Transcript
 from pipeline.config import JobSettings
 from pipeline.diarization import Diarization
@@ -34,8 +36,6 @@ log = logging.getLogger(__name__)
 class Graph:
     """`Stages` over Serve handles: each call made again when its replica dies or it times out."""
 
-    phases = (("transcription", "diarization", "acoustics"),)  # each in replicas of its own
-
     def __init__(
         self,
         extraction: DeploymentHandle,
@@ -45,6 +45,7 @@ class Graph:
         jobs: JobSettings,
     ) -> None:
         self._jobs = jobs
+        self.phases = ALL_AT_ONCE if jobs.stages_together else SHARED_CORES
         self.stages = {
             "extraction": extraction,
             "transcription": transcription,

@@ -33,6 +33,9 @@ T = TypeVar("T")
 # Rough share of wall time per stage on CPU, so overall progress moves evenly.
 STAGE_WEIGHTS = {"media": 5, "transcription": 55, "diarization": 30, "acoustics": 5, "assembly": 5}
 Phases = tuple[tuple[str, ...], ...]
+# Where the stages share one machine's cores: see `Analyzer`.
+SHARED_CORES: Phases = (("diarization",), ("transcription", "acoustics"))
+ALL_AT_ONCE: Phases = (("transcription", "diarization", "acoustics"),)
 MAX_PROMPT_CHARS = 2000  # several times what Whisper keeps (223 tokens): more is a mistake, not a prompt
 
 
@@ -139,7 +142,7 @@ class Analyzer:
     analysis took 35-36 s where the three one after another took 38-41 s.
     """
 
-    phases: Phases = (("diarization",), ("transcription", "acoustics"))
+    phases = SHARED_CORES
 
     def __init__(
         self,

@@ -153,6 +153,12 @@ class DiarizationSettings(BaseModel):
         0.25, description="Embedded pipeline: step between segmentation chunks, as a ratio of the chunk length."
     )
     segmentation_batch_size: int = 32
+    cpu_threads: int = Field(
+        0,
+        ge=0,
+        description="Embedded pipeline on CPU: ONNX Runtime threads of each network; 0 = one per core (not "
+        "torch's count, which follows OMP_NUM_THREADS: Ray sets it to a replica's num_cpus, 1 here).",
+    )
     onnxruntime: bool = Field(
         True,
         description="Embedded pipeline on CPU: run the segmentation model and CAM++'s trunk with ONNX Runtime "
@@ -302,6 +308,13 @@ class JobSettings(BaseModel):
         5.0, ge=0, description="Wait before the second call of a stage (doubling after): a new replica needs it."
     )
     stage_timeout_s: float = Field(3600.0, gt=0, description="Deadline of one stage call.")
+    stages_together: bool = Field(
+        False,
+        description="Run an analysis's transcription, diarization and acoustic tracks all at once, each on its "
+        "own replicas: for a cluster whose stages do not share cores. False: diarization first, then the "
+        "transcription beside the acoustics, as in one process, which is faster where the stages share a "
+        "machine's cores (README, Performance).",
+    )
 
 
 class Settings(BaseSettings):

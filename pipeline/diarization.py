@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -92,7 +93,7 @@ class PyannoteDiarizer:
         if settings.pipeline == "embedded" and settings.onnxruntime and self.device == "cpu":
             from pipeline.onnx_runtime import campplus_on_onnxruntime, segmentation_on_onnxruntime
 
-            threads = torch.get_num_threads()
+            threads = settings.cpu_threads or os.cpu_count() or 1
             segmentation_on_onnxruntime(self._pipeline._segmentation.model, threads)
             campplus_on_onnxruntime(self._pipeline._embedding.model_.encoder, threads)
 

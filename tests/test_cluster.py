@@ -60,6 +60,7 @@ def deployed(tmp_path_factory, settings, postgres, media_root):
         "ECG_JOBS__STAGE_ATTEMPTS": "6",  # a lost node needs time to be replaced: 3, 6, 12, 24, 48 s apart
         "ECG_JOBS__STAGE_RETRY_BACKOFF_S": "3",
         "ECG_JOBS__CALLBACK_RETRY_DELAYS_S": "[0.5, 1, 2, 4]",
+        "ECG_JOBS__STAGES_TOGETHER": "true",  # a cluster: the stages run at once, each where its replicas are
         "HF_HUB_OFFLINE": "1",
     }
     cluster = RayCluster(workdir, env, head_cpus=6)

@@ -65,3 +65,15 @@ def test_a_broken_config_is_rejected():
     bad = {"applications": [{"import_path": "deployments.app:build_app", "deployments": deployments}]}
     with pytest.raises(ValueError):
         ServeDeploySchema.model_validate(bad)
+
+
+def test_stages_run_in_the_one_process_order_unless_told_to_run_together():
+    from deployments.graph import Graph
+    from pipeline.analyzer import ALL_AT_ONCE, SHARED_CORES, Analyzer
+    from pipeline.config import JobSettings
+
+    handles = [None] * 4  # the order is decided before any stage is called
+    assert Graph(*handles, JobSettings()).phases == SHARED_CORES == Analyzer.phases
+    assert SHARED_CORES[0] == ("diarization",)
+    assert Graph(*handles, JobSettings(stages_together=True)).phases == ALL_AT_ONCE
+    assert sorted(ALL_AT_ONCE[0]) == sorted(name for phase in SHARED_CORES for name in phase)
