@@ -44,7 +44,8 @@ class SpectralSpeakerClustering(BaseClustering):
     Hyper-parameters
     ----------------
     neighbours : each embedding's most similar embeddings (from chunks sharing no audio with it)
-        kept in the affinity graph.
+        kept in the affinity graph, at least ...
+    neighbour_share : ... or this share of all the embeddings, if more.
     sharpness : the graph's weights are cosine similarities to this power, so that the few
         neighbours of a voice heard only briefly outweigh the other voices it must also link to.
     merge_ratio : two clusters are one speaker when their embeddings are, on average, at least
@@ -64,6 +65,7 @@ class SpectralSpeakerClustering(BaseClustering):
     def __init__(self, metric: str = "cosine") -> None:
         super().__init__(metric=metric, constrained_assignment=True)
         self.neighbours = Integer(2, 50)
+        self.neighbour_share = Uniform(0.0, 0.5)
         self.sharpness = Uniform(1.0, 50.0)
         self.merge_ratio = Uniform(0.5, 1.5)
         self.merge_threshold = Uniform(0.0, 1.0)
@@ -125,7 +127,8 @@ class SpectralSpeakerClustering(BaseClustering):
             return merge_close(x, np.arange(len(x)), self.merge_threshold, lo, hi)
         similarity = x @ x.T
         separate = np.abs(t[:, None] - t[None, :]) >= 1
-        affinity = neighbour_graph(similarity, separate, self.neighbours, self.sharpness)
+        neighbours = max(int(self.neighbours), round(self.neighbour_share * len(x)))
+        affinity = neighbour_graph(similarity, separate, neighbours, self.sharpness)
         vectors, k = spectral_embedding(affinity, num_clusters, min_clusters, max_clusters)
         labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vectors) if k > 1 else np.zeros(len(x))
         if num_clusters:
@@ -139,8 +142,10 @@ def neighbour_graph(similarity: np.ndarray, separate: np.ndarray, neighbours: in
     """Symmetric affinity keeping, per embedding, its `neighbours` most similar embeddings from
     separate audio (shared audio only where too few are separate), weighted by similarity**power.
 
-    A fixed number rather than a share of all embeddings: the neighbours must fit
-    inside the smallest voice's turns, whatever the file's length."""
+    The caller's count is at least a fixed number (in a short file the neighbours
+    must fit inside the smallest voice's turns) and a share of all embeddings in
+    a long one (a voice heard at length, with a few neighbours each, falls into
+    groups of turns linked only among themselves, which the eigengap counts)."""
     n = len(similarity)
     keep = min(int(neighbours), n - 1)
     ranked = np.where(separate, similarity, similarity - 4.0)  # separate audio first

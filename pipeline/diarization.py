@@ -195,6 +195,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
         pipeline.clustering = _refined_clustering("spectral")()
         clustering = {
             "neighbours": settings.spectral_neighbours,
+            "neighbour_share": settings.spectral_neighbour_share,
             "sharpness": settings.spectral_sharpness,
             "merge_ratio": settings.merge_ratio,
             "merge_threshold": settings.merge_threshold,

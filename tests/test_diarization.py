@@ -246,6 +246,7 @@ def voices_on_the_sphere(counts: list[int], spread: float, seed: int = 0) -> tup
 
 def spectral(
     neighbours: int = 10,
+    share: float = 0.2,
     sharpness: float = 10.0,
     ratio: float = 0.97,
     merge: float = 0.8,
@@ -258,6 +259,7 @@ def spectral(
     clustering.instantiate(
         {
             "neighbours": neighbours,
+            "neighbour_share": share,
             "sharpness": sharpness,
             "merge_ratio": ratio,
             "merge_threshold": merge,
@@ -275,6 +277,27 @@ def test_eigengap_finds_the_number_of_speakers(counts):
     assert len(set(labels)) == len(counts)
     # Each true speaker lands in one cluster of its own.
     assert all(len(set(labels[truth_labels == k])) == 1 for k in range(len(counts)))
+
+
+@pytest.mark.parametrize(("embeddings", "kept"), [(30, 10), (50, 10), (100, 20), (300, 60)])
+def test_the_graph_keeps_a_share_of_the_embeddings_as_neighbours_in_long_files(monkeypatch, embeddings, kept):
+    """At least `neighbours`, or a fifth of the embeddings where that is more: in a long file, a
+    voice heard at length has many embeddings, and ten neighbours each let its turns fall into
+    groups the eigengap counts as speakers (voices-dev: 8 of 48 files over-counted)."""
+    import pipeline.clustering as clustering
+
+    graph = clustering.neighbour_graph
+    asked = []
+
+    def recording(similarity, separate, neighbours, power):
+        asked.append(neighbours)
+        return graph(similarity, separate, neighbours, power)
+
+    monkeypatch.setattr(clustering, "neighbour_graph", recording)
+    x, _ = voices_on_the_sphere([embeddings // 2, embeddings - embeddings // 2], spread=0.08)
+    labels = spectral(share=0.2).cluster(x, 1, len(x))
+    assert asked == [kept]
+    assert len(set(labels)) == 2
 
 
 def test_count_bounds_are_honoured():
@@ -320,6 +343,7 @@ def test_a_speaker_added_after_clustering_gets_a_centroid():
     clustering.instantiate(
         {
             "neighbours": 10,
+            "neighbour_share": 0.2,
             "sharpness": 10.0,
             "merge_ratio": 0.97,
             "merge_threshold": 0.8,
