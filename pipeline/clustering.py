@@ -46,6 +46,9 @@ class SpectralSpeakerClustering(BaseClustering):
     neighbours : each embedding's most similar embeddings (from chunks sharing no audio with it)
         kept in the affinity graph, at least ...
     neighbour_share : ... or this share of all the embeddings, if more.
+    isolation : an embedding whose third best match in separate audio is less alike than this
+        share of the file's median third best match is a voice heard in one turn: it keeps
+        its nearest neighbours from its own turn too (see `isolated`); 0 never.
     sharpness : the graph's weights are cosine similarities to this power, so that the few
         neighbours of a voice heard only briefly outweigh the other voices it must also link to.
     merge_ratio : two clusters are one speaker when their embeddings are, on average, at least
@@ -66,6 +69,7 @@ class SpectralSpeakerClustering(BaseClustering):
         super().__init__(metric=metric, constrained_assignment=True)
         self.neighbours = Integer(2, 50)
         self.neighbour_share = Uniform(0.0, 0.5)
+        self.isolation = Uniform(0.0, 1.0)
         self.sharpness = Uniform(1.0, 50.0)
         self.merge_ratio = Uniform(0.5, 1.5)
         self.merge_threshold = Uniform(0.0, 1.0)
@@ -128,7 +132,8 @@ class SpectralSpeakerClustering(BaseClustering):
         similarity = x @ x.T
         separate = np.abs(t[:, None] - t[None, :]) >= 1
         neighbours = max(int(self.neighbours), round(self.neighbour_share * len(x)))
-        affinity = neighbour_graph(similarity, separate, neighbours, self.sharpness)
+        alone = isolated(similarity, separate, self.isolation)
+        affinity = neighbour_graph(similarity, separate, neighbours, self.sharpness, alone)
         vectors, k = spectral_embedding(affinity, num_clusters, min_clusters, max_clusters)
         labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vectors) if k > 1 else np.zeros(len(x))
         if num_clusters:
@@ -138,9 +143,12 @@ class SpectralSpeakerClustering(BaseClustering):
         return dissolve_blends(x, labels, self.blend_fit, lo)
 
 
-def neighbour_graph(similarity: np.ndarray, separate: np.ndarray, neighbours: int, power: float) -> np.ndarray:
+def neighbour_graph(
+    similarity: np.ndarray, separate: np.ndarray, neighbours: int, power: float, alone: np.ndarray | None = None
+) -> np.ndarray:
     """Symmetric affinity keeping, per embedding, its `neighbours` most similar embeddings from
-    separate audio (shared audio only where too few are separate), weighted by similarity**power.
+    separate audio (shared audio only where too few are separate), weighted by similarity**power;
+    the rows of `alone` (see `isolated`) rank every embedding by similarity alone.
 
     The caller's count is at least a fixed number (in a short file the neighbours
     must fit inside the smallest voice's turns) and a share of all embeddings in
@@ -149,12 +157,41 @@ def neighbour_graph(similarity: np.ndarray, separate: np.ndarray, neighbours: in
     n = len(similarity)
     keep = min(int(neighbours), n - 1)
     ranked = np.where(separate, similarity, similarity - 4.0)  # separate audio first
+    if alone is not None:
+        ranked[alone] = similarity[alone]
     np.fill_diagonal(ranked, -np.inf)
     top = np.argpartition(-ranked, keep - 1, axis=1)[:, :keep]
     rows = np.arange(n)[:, None]
     pruned = np.zeros_like(similarity)
     pruned[rows, top] = np.clip(similarity[rows, top], 0.0, None) ** power
     return 0.5 * (pruned + pruned.T)
+
+
+ISOLATION_MATCH = 3  # the match an embedding's isolation is judged by: one or two can be a slip
+
+
+def isolated(similarity: np.ndarray, separate: np.ndarray, ratio: float) -> np.ndarray:
+    """Embeddings whose ISOLATION_MATCH-th most similar embedding in separate audio is less alike
+    than `ratio` times the file's median of the same; none where `ratio` is 0.
+
+    A voice heard in one turn has no neighbour of its own in separate audio, so
+    in a graph of separate audio only its turn's embeddings link to other voices,
+    and the normalised Laplacian makes it part of whichever is least unlike,
+    however unlike (voices-dev: real voices 0.35 or less across, 0.5 or more
+    within; 13 of 48 files a voice short, most of them a voice of one or two
+    turns). Its embeddings stand out by how poorly they match anything separate:
+    those rows rank their neighbours by similarity alone, so the turn links to
+    itself. Relative to the file, as espeak-ng voices match each other at 0.9."""
+    n = len(similarity)
+    if not ratio or n <= ISOLATION_MATCH:
+        return np.zeros(n, dtype=bool)
+    apart = np.where(separate, similarity, -np.inf)
+    np.fill_diagonal(apart, -np.inf)
+    match = -np.sort(-apart, axis=1)[:, ISOLATION_MATCH - 1]
+    judged = np.isfinite(match)  # fewer separate embeddings than that: a short file, not judged
+    if not judged.any():
+        return judged
+    return judged & (match < ratio * np.median(match[judged]))
 
 
 def spectral_embedding(

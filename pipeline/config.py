@@ -182,6 +182,14 @@ class DiarizationSettings(BaseModel):
         description="Spectral clustering: ... or this share of all the file's embeddings, if more (a voice "
         "heard at length keeps one cluster: real voices' count 56 -> 69 % exact on voices-dev).",
     )
+    spectral_isolation: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Spectral clustering: an embedding whose third best match in other audio is less alike than "
+        "this share of the file's median (a voice heard in one turn) keeps neighbours from its own turn too; 0 "
+        "never.",
+    )
     spectral_sharpness: float = Field(
         10.0,
         gt=0,

@@ -196,6 +196,7 @@ def build_embedded_pipeline(settings: DiarizationSettings) -> Any:
         clustering = {
             "neighbours": settings.spectral_neighbours,
             "neighbour_share": settings.spectral_neighbour_share,
+            "isolation": settings.spectral_isolation,
             "sharpness": settings.spectral_sharpness,
             "merge_ratio": settings.merge_ratio,
             "merge_threshold": settings.merge_threshold,

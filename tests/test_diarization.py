@@ -247,6 +247,7 @@ def voices_on_the_sphere(counts: list[int], spread: float, seed: int = 0) -> tup
 def spectral(
     neighbours: int = 10,
     share: float = 0.2,
+    isolation: float = 0.5,
     sharpness: float = 10.0,
     ratio: float = 0.97,
     merge: float = 0.8,
@@ -260,6 +261,7 @@ def spectral(
         {
             "neighbours": neighbours,
             "neighbour_share": share,
+            "isolation": isolation,
             "sharpness": sharpness,
             "merge_ratio": ratio,
             "merge_threshold": merge,
@@ -289,15 +291,44 @@ def test_the_graph_keeps_a_share_of_the_embeddings_as_neighbours_in_long_files(m
     graph = clustering.neighbour_graph
     asked = []
 
-    def recording(similarity, separate, neighbours, power):
+    def recording(similarity, separate, neighbours, power, alone=None):
         asked.append(neighbours)
-        return graph(similarity, separate, neighbours, power)
+        return graph(similarity, separate, neighbours, power, alone)
 
     monkeypatch.setattr(clustering, "neighbour_graph", recording)
     x, _ = voices_on_the_sphere([embeddings // 2, embeddings - embeddings // 2], spread=0.08)
     labels = spectral(share=0.2).cluster(x, 1, len(x))
     assert asked == [kept]
     assert len(set(labels)) == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_voice_heard_in_one_turn_is_a_speaker_and_a_turn_of_a_known_voice_is_not(seed):
+    """Two voices in 30 turns each (chunk positions 2 apart, so their embeddings are separate audio)
+    and a third voice in one turn (4 embeddings, overlapping chunks). With only separate audio in
+    the graph, the third voice's rows link to the other two and it joins one of them; its
+    embeddings match nothing separate, so `isolated` lets them link to each other. The same turn
+    spoken by the first voice matches that voice's other turns, and stays with it."""
+    from pipeline.clustering import isolated
+
+    x, truth = voices_on_the_sphere([30, 30, 4], spread=0.08, seed=seed)
+    chunks = np.concatenate([np.arange(30) * 2.0, np.arange(30) * 2.0 + 1.0, 100 + np.arange(4) * 0.25])
+    separate = np.abs(chunks[:, None] - chunks[None, :]) >= 1
+    assert (isolated(x @ x.T, separate, 0.5) == (truth == 2)).all()
+    assert not isolated(x @ x.T, separate, 0.0).any()
+
+    merged = spectral(isolation=0.0).cluster(x, 1, len(x), chunks=chunks)
+    assert len(set(merged)) == 2 and set(merged[truth == 2]) <= set(merged[truth < 2])
+    labels = spectral(isolation=0.5).cluster(x, 1, len(x), chunks=chunks)
+    assert len(set(labels)) == 3
+    assert all(len(set(labels[truth == k])) == 1 for k in range(3))
+
+    y, same = voices_on_the_sphere([34, 30], spread=0.08, seed=seed)  # the last 4 of voice 0: one turn
+    y = np.concatenate([y[:30], y[34:], y[30:34]])
+    same = np.concatenate([same[:30], same[34:], same[30:34]])
+    assert not isolated(y @ y.T, separate, 0.5).any()
+    labels = spectral(isolation=0.5).cluster(y, 1, len(y), chunks=chunks)
+    assert len(set(labels)) == 2 and set(labels[-4:]) == set(labels[same == 0][:30])
 
 
 def test_count_bounds_are_honoured():
@@ -344,6 +375,7 @@ def test_a_speaker_added_after_clustering_gets_a_centroid():
         {
             "neighbours": 10,
             "neighbour_share": 0.2,
+            "isolation": 0.5,
             "sharpness": 10.0,
             "merge_ratio": 0.97,
             "merge_threshold": 0.8,
