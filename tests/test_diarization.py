@@ -790,3 +790,19 @@ def test_campplus_trunk_on_onnxruntime_matches_torch():
     for i, n in enumerate(lengths):  # each input's own frames; what lies past its end is never read
         own = (n + 1) // 2
         assert torch.allclose(got[i, :, :own], expected[i, :, :own], atol=1e-3), i
+
+
+def test_the_harness_finds_a_voice_only_where_its_speaker_holds_half_of_it(monkeypatch):
+    """`benchmarks/diarization_eval.py` reports voices found beside the count, because a count
+    can be right by two wrongs: one voice split in two, two others merged in one."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    harness = importlib.import_module("diarization_eval")
+    reference = [(0.0, 10.0, "a"), (10.0, 20.0, "b"), (20.0, 30.0, "c")]
+    right = harness.scores(reference, [(0.0, 10.0, "x"), (10.0, 20.0, "y"), (20.0, 30.0, "z")])
+    assert (right["found"], right["voices_found"]) == (3, 3)
+    two_wrongs = harness.scores(reference, [(0.0, 6.0, "x"), (6.0, 10.0, "y"), (10.0, 30.0, "z")])
+    assert (two_wrongs["found"], two_wrongs["voices_found"]) == (3, 2)  # c, merged into b's speaker, is lost
+    assert harness.scores(reference, [(0.0, 30.0, "x")])["voices_found"] == 1
