@@ -44,20 +44,15 @@ class FrameTracks:
         return slice(lo, hi)
 
 
+SPECTRAL_BLOCK = 6000  # frames (60 s at a 10 ms hop) whose spectrum is held at once
+
+
 def frame_tracks(samples: np.ndarray, settings: AcousticSettings, progress: ProgressHook = no_progress) -> FrameTracks:
     import librosa
 
     hop = int(round(settings.hop_s * SAMPLE_RATE))
     progress(STAGE, 0.0, "computing spectral features")
-    spec = np.abs(librosa.stft(samples, n_fft=N_FFT, hop_length=hop, center=True)).astype(np.float32)
-    power = spec**2
-    # Parseval: the mean square of a Hann-windowed frame from its one-sided spectrum.
-    window_energy = np.sum(np.hanning(N_FFT + 1)[:-1] ** 2)
-    frame_ms = (2 * power[1:-1].sum(axis=0) + power[0] + power[-1]) / (N_FFT * window_energy)
-    rms_db = 10 * np.log10(frame_ms + _EPS)
-    centroid = librosa.feature.spectral_centroid(S=spec, sr=SAMPLE_RATE)[0]
-    rolloff = librosa.feature.spectral_rolloff(S=spec, sr=SAMPLE_RATE, roll_percent=0.85)[0]
-    mel = librosa.feature.melspectrogram(S=power, sr=SAMPLE_RATE, n_mels=40)
+    rms_db, centroid, rolloff, mel = spectral_tracks(samples, hop)
     mfcc = librosa.feature.mfcc(S=librosa.power_to_db(mel), n_mfcc=settings.n_mfcc)
     progress(STAGE, 0.3, "tracking pitch")
     f0, aperiodicity = yin(samples, hop, settings.fmin_hz, settings.fmax_hz, progress)
@@ -66,6 +61,38 @@ def frame_tracks(samples: np.ndarray, settings: AcousticSettings, progress: Prog
     f0 = np.where(voiced, f0[:n], np.nan)
     progress(STAGE, 1.0, "acoustic tracks ready")
     return FrameTracks(settings.hop_s, rms_db[:n], f0, centroid[:n], rolloff[:n], mfcc[:, :n])
+
+
+def spectral_tracks(
+    samples: np.ndarray, hop: int, block: int = SPECTRAL_BLOCK
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rms_db, centroid_hz, rolloff_hz, 40-band mel power) per frame, frame i centred at
+    sample i * hop, as librosa computes them from one centred STFT, SPECTRAL_BLOCK frames at a time.
+
+    Why blocks: the spectrum of a whole file, with the arrays derived from it,
+    took 2.7 GB for an hour of audio (librosa's float64 work arrays included),
+    beside the transcription. Every track but MFCC is per frame, so blocks give
+    the same values; MFCC's dB scale is clipped relative to the file's loudest
+    mel band, so it is computed on the whole (small) mel array afterwards."""
+    import librosa
+
+    # librosa's centred STFT pads N_FFT // 2 zeros at each end: frame i then starts at i * hop.
+    padded = np.pad(samples, N_FFT // 2)
+    frames = 1 + len(samples) // hop
+    # Parseval: the mean square of a Hann-windowed frame from its one-sided spectrum.
+    window_energy = np.sum(np.hanning(N_FFT + 1)[:-1] ** 2)
+    out = [np.empty(frames) for _ in range(3)] + [np.empty((40, frames), dtype=np.float32)]
+    for first in range(0, frames, block):
+        last = min(first + block, frames)
+        piece = padded[first * hop : (last - 1) * hop + N_FFT]
+        spec = np.abs(librosa.stft(piece, n_fft=N_FFT, hop_length=hop, center=False)).astype(np.float32)
+        power = spec**2
+        frame_ms = (2 * power[1:-1].sum(axis=0) + power[0] + power[-1]) / (N_FFT * window_energy)
+        out[0][first:last] = 10 * np.log10(frame_ms + _EPS)
+        out[1][first:last] = librosa.feature.spectral_centroid(S=spec, sr=SAMPLE_RATE)[0]
+        out[2][first:last] = librosa.feature.spectral_rolloff(S=spec, sr=SAMPLE_RATE, roll_percent=0.85)[0]
+        out[3][:, first:last] = librosa.feature.melspectrogram(S=power, sr=SAMPLE_RATE, n_mels=40)
+    return out[0], out[1], out[2], out[3]
 
 
 def warm_up(settings: AcousticSettings) -> None:

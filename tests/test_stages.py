@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.acoustics import FrameTracks, frame_tracks, word_features, yin
+from pipeline.acoustics import N_FFT, FrameTracks, frame_tracks, spectral_tracks, word_features, yin
 from pipeline.asr import (
     TimedWord,
     Transcript,
@@ -58,6 +58,29 @@ def test_noise_is_unvoiced_and_volume_is_calibrated():
     assert abs(voiced.volume_db - expected) < 0.5
     assert voiced.spectral_centroid < unvoiced.spectral_centroid
     assert len(voiced.mfcc) == 13 and all(np.isfinite(voiced.mfcc))
+
+
+@pytest.mark.parametrize("length", [3 * SR, 3 * SR + 77])
+def test_spectral_tracks_in_blocks_equal_one_stft_of_the_whole(length):
+    """The spectral tracks are computed a block of frames at a time (memory stays flat on long
+    files); each frame must get what one centred STFT of the whole signal gives it, the last
+    block's partial frames and the file's edges included."""
+    import librosa
+
+    rng = np.random.default_rng(1)
+    signal = (np.concatenate([tone(140, 2.0), tone(260, 2.0)]) + rng.normal(0, 0.01, 4 * SR))[:length]
+    signal = signal.astype(np.float32)
+    spec = np.abs(librosa.stft(signal, n_fft=N_FFT, hop_length=160, center=True)).astype(np.float32)
+    whole = (
+        librosa.feature.spectral_centroid(S=spec, sr=SR)[0],
+        librosa.feature.spectral_rolloff(S=spec, sr=SR, roll_percent=0.85)[0],
+        librosa.feature.melspectrogram(S=spec**2, sr=SR, n_mels=40),
+    )
+    rms_db, *blocked = spectral_tracks(signal, 160, block=37)
+    for got, expected in zip(blocked, whole, strict=True):
+        assert got.shape == expected.shape
+        assert np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert len(rms_db) == spec.shape[1] and np.all(np.isfinite(rms_db))
 
 
 def test_zero_length_word_uses_nearest_frame():
