@@ -395,18 +395,20 @@ class WhisperXTranscriber:
                 seg.compression_ratio,
                 LOOP_NGRAM,
             )
+            # The clip's audio alone, not the timeline with `clip_timestamps`: faster-whisper's
+            # `transcribe` computes the log-mel features of all the audio it is given before it
+            # seeks, in float64 (a 3 GB spike on an hour of audio, for one 30 s clip).
             again, _ = self._model.transcribe(
-                timeline,
+                timeline[int(seg.start * SAMPLE_RATE) : int(np.ceil(seg.end * SAMPLE_RATE))],
                 language=language,
                 beam_size=self._settings.beam_size,
                 initial_prompt=prompt,
-                clip_timestamps=[seg.start, seg.end],
                 temperature=0.0,
                 no_repeat_ngram_size=LOOP_NGRAM,
                 condition_on_previous_text=False,  # a loop must not prompt the next window
                 word_timestamps=words,
             )
-            yield from again
+            yield from (shifted(part, int(seg.start * SAMPLE_RATE) / SAMPLE_RATE) for part in again)
 
     def _finish(self, file: _Prepared, segments: list[TranscriptSegment]) -> Transcript:
         transcript = Transcript(file.language, file.probability, segments, self.model_name, device=self.device)
@@ -546,6 +548,16 @@ def in_parallel(produce: Callable[[T], Iterable[R]], inputs: list[T]) -> Iterato
 @dataclass(frozen=True)
 class _Raised:
     error: BaseException
+
+
+def shifted(segment: Any, seconds: float) -> Any:
+    """A faster-whisper `Segment` (and its words) `seconds` later."""
+    from dataclasses import replace
+
+    words = segment.words and [
+        replace(w, start=round(w.start + seconds, 3), end=round(w.end + seconds, 3)) for w in segment.words
+    ]
+    return replace(segment, start=round(segment.start + seconds, 3), end=round(segment.end + seconds, 3), words=words)
 
 
 class EncoderReuse:
