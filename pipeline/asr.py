@@ -25,7 +25,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -398,8 +398,9 @@ class WhisperXTranscriber:
             # The clip's audio alone, not the timeline with `clip_timestamps`: faster-whisper's
             # `transcribe` computes the log-mel features of all the audio it is given before it
             # seeks, in float64 (a 3 GB spike on an hour of audio, for one 30 s clip).
+            first = int(seg.start * SAMPLE_RATE)
             again, _ = self._model.transcribe(
-                timeline[int(seg.start * SAMPLE_RATE) : int(np.ceil(seg.end * SAMPLE_RATE))],
+                timeline[first : int(np.ceil(seg.end * SAMPLE_RATE))],
                 language=language,
                 beam_size=self._settings.beam_size,
                 initial_prompt=prompt,
@@ -408,7 +409,7 @@ class WhisperXTranscriber:
                 condition_on_previous_text=False,  # a loop must not prompt the next window
                 word_timestamps=words,
             )
-            yield from (shifted(part, int(seg.start * SAMPLE_RATE) / SAMPLE_RATE) for part in again)
+            yield from (shifted(part, first / SAMPLE_RATE) for part in again)
 
     def _finish(self, file: _Prepared, segments: list[TranscriptSegment]) -> Transcript:
         transcript = Transcript(file.language, file.probability, segments, self.model_name, device=self.device)
@@ -552,8 +553,6 @@ class _Raised:
 
 def shifted(segment: Any, seconds: float) -> Any:
     """A faster-whisper `Segment` (and its words) `seconds` later."""
-    from dataclasses import replace
-
     words = segment.words and [
         replace(w, start=round(w.start + seconds, 3), end=round(w.end + seconds, 3)) for w in segment.words
     ]
