@@ -36,7 +36,6 @@ from sklearn.cluster import KMeans
 MIN_EMBEDDINGS = 12  # fewer (a short file) and there is no graph to read a count from
 MAX_SEARCH = 20  # the eigengap is looked for among up to this many speakers (more when asked for)
 MAX_SPECTRAL = 2000  # embeddings clustered directly; more are sampled (about 80 min of audio at a 2.5 s step)
-MIN_CLUSTER = 3  # embeddings of the fewest a speaker is found from (see `absorb_small`)
 
 
 class SpectralSpeakerClustering(BaseClustering):
@@ -139,8 +138,7 @@ class SpectralSpeakerClustering(BaseClustering):
         labels = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(vectors) if k > 1 else np.zeros(len(x))
         if num_clusters:
             return labels.astype(int)
-        labels = absorb_small(similarity, labels.astype(int), MIN_CLUSTER, lo)
-        labels = merge_alike(similarity, separate, labels, self.merge_ratio, lo, hi)
+        labels = merge_alike(similarity, separate, labels.astype(int), self.merge_ratio, lo, hi)
         labels = split_conflicts(x, t, similarity, separate, labels, self.split_ratio, hi)
         return dissolve_blends(x, labels, self.blend_fit, lo)
 
@@ -223,29 +221,6 @@ def spectral_embedding(
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-10), k
 
 
-def absorb_small(similarity: np.ndarray, labels: np.ndarray, least: int, lo: int) -> np.ndarray:
-    """Give each cluster of fewer than `least` members, smallest first, to the cluster its members
-    are most alike on average, while more than `lo` clusters remain; labels renumbered 0..k-1.
-
-    A voice heard in one turn of 2 s or more alone has 3 embeddings or more
-    (chunks 2.5 s apart, each needing 2 s of it alone); two, or one, were more
-    often a stretch of a known voice that sounds unlike its other turns (a word
-    or two): with each embedding pooled from one voice's runs (see
-    `diarization.one_voice_weights`), such stretches stood apart as speakers
-    of their own in 7 files of voices-dev, real short voices in 2.
-    """
-    labels = np.unique(labels, return_inverse=True)[1]
-    while (k := labels.max() + 1) > max(1, lo):
-        sizes = np.bincount(labels, minlength=k)
-        small = int(np.argmin(sizes))
-        if sizes[small] >= least:
-            break
-        members = labels == small
-        alike = [similarity[np.ix_(members, labels == j)].mean() if j != small else -np.inf for j in range(k)]
-        labels = np.unique(np.where(members, int(np.argmax(alike)), labels), return_inverse=True)[1]
-    return labels
-
-
 def merge_close(x: np.ndarray, labels: np.ndarray, threshold: float, lo: int, hi: int) -> np.ndarray:
     """Merge the two clusters with the most similar centroids while there are more than `hi`,
     or more than `lo` and that similarity is above `threshold`; labels renumbered 0..k-1."""
@@ -323,8 +298,6 @@ def split_conflicts(
         members = np.flatnonzero(labels == worst)
         seeds = np.stack([x[first[pair]], x[second[pair]]])
         halves = KMeans(n_clusters=2, init=seeds, n_init=1).fit_predict(x[members])
-        if min(np.bincount(halves, minlength=2)) < MIN_CLUSTER:
-            break  # a stretch of the voice unlike its other turns (see `absorb_small`)
         split = labels.copy()
         split[members[halves == 1]] = k
         mean = cluster_means(similarity, separate, split, k + 1)

@@ -379,21 +379,14 @@ def chunk_embeddings(
     kept: Any = None  # trunk frames from kept_start on
     kept_start = next_chunk = 0
     runs = single_speaker_runs(segmentations, total_s * TRUNK_FPS)
-    run_of = np.full(total_s * TRUNK_FPS + chunk_frames, -1, dtype=np.int32)  # each trunk frame's run
-    for i, (start, end) in enumerate(runs):
-        run_of[start:end] = i
     blocks = trunk_blocks(encoder, waveform, total_s, runs, stretches)
     with torch.inference_mode():
         for b, trunk in enumerate(blocks, 1):
             kept = trunk if kept is None else torch.cat([kept, trunk])
             while next_chunk < num_chunks and first_frame[next_chunk] + chunk_frames <= kept_start + len(kept):
-                first = first_frame[next_chunk]
-                start = first - kept_start
+                start = first_frame[next_chunk] - kept_start
                 out[next_chunk] = _pool_chunk(
-                    encoder,
-                    kept[start : start + chunk_frames],
-                    segmentations.data[next_chunk],
-                    run_of[first : first + chunk_frames],
+                    encoder, kept[start : start + chunk_frames], segmentations.data[next_chunk]
                 )
                 next_chunk += 1
             if next_chunk < num_chunks:  # drop what no later chunk reaches
@@ -677,58 +670,20 @@ def _batched_trunk(encoder: Any, pieces: list[tuple[int, Any]]) -> Iterator[tupl
             yield at, frames[: (len(features) + 1) // 2]
 
 
-def _pool_chunk(encoder: Any, frames: Any, mask: np.ndarray, run_of: np.ndarray | None = None) -> np.ndarray:
-    """(local speakers, 192) unit embeddings of one chunk's trunk frames; NaN for silent speakers.
-    `run_of`: the single-speaker run of each frame (-1: none); if given, a speaker's embedding
-    pools only the runs that sound like its main one (see `one_voice_weights`)."""
+def _pool_chunk(encoder: Any, frames: Any, mask: np.ndarray) -> np.ndarray:
+    """(local speakers, 192) unit embeddings of one chunk's trunk frames; NaN for silent speakers."""
     import torch
 
     weights = _speaker_weights(mask, len(frames))
     embedded = ~torch.isnan(frames).any(dim=1)  # frames of single-speaker runs
     weights *= embedded.cpu().numpy()[None]
     frames = torch.nan_to_num(frames)
-    if run_of is not None:
-        weights = one_voice_weights(encoder, frames, weights, run_of[: len(frames)])
     out = np.full((weights.shape[0], encoder.xvector["dense"].linear.out_channels), np.nan, dtype=np.float32)
     active = weights.sum(axis=1) > 0
     if active.any():
         pooled = encoder.pool(frames, torch.from_numpy(weights[active]).to(frames))
         out[active] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
     return out
-
-
-RUN_AGREEMENT = 0.4  # a run is a local speaker's main voice if its embedding is this alike the main run's
-
-
-def one_voice_weights(encoder: Any, frames: Any, weights: np.ndarray, run_of: np.ndarray) -> np.ndarray:
-    """(speakers, frames) pooling `weights` kept only on the single-speaker runs (`run_of`, per
-    frame) whose own pooled embedding has cosine RUN_AGREEMENT or more with that of the speaker's
-    longest run in the chunk.
-
-    The segmentation's local speaker of a chunk is not always one voice: where
-    voices take short turns it is two at different moments (on voices-dev, 38 %
-    of the embeddings clustered were under 80 % one voice; synthetic dev 18 %),
-    and a blend of two voices matches either, so a short voice's few embeddings
-    were absorbed by another speaker. The runs between its silences and changes
-    are one voice (98-99 % of their frames). Real voices match each other at
-    0.35 or less, their own runs at 0.5 or more (espeak-ng voices 0.9: nothing
-    is dropped there). Chosen on voices-dev: 0.3, 0.4, 0.5 found the count of
-    77, 83, 79 % of its files (75 % pooling every run), DER 12.8, 12.8, 13.5 %
-    (13.4 %).
-    """
-    import torch
-
-    weights = weights.copy()
-    for speaker, row in enumerate(weights):
-        runs, frames_in = np.unique(run_of[(row > 0) & (run_of >= 0)], return_counts=True)
-        if len(runs) < 2:
-            continue
-        pieces = row[None] * (run_of[None] == runs[:, None])
-        pooled = encoder.pool(frames, torch.from_numpy(pieces).to(frames))
-        unit = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
-        alike = unit @ unit[np.argmax(frames_in)] >= RUN_AGREEMENT
-        weights[speaker] *= np.isin(run_of, runs[alike])
-    return weights
 
 
 def _speaker_weights(mask: np.ndarray, frames: int) -> np.ndarray:

@@ -147,51 +147,6 @@ def test_a_voice_beside_another_keeps_its_own_embedding(campplus):
         assert float(voice @ own) > 0.97  # measured: 0.99 and 1.00; one trunk over the chunk gave 0.89 and 0.87
 
 
-def test_a_local_speaker_holding_two_voices_is_embedded_from_its_main_one(campplus, monkeypatch):
-    """The segmentation can give one local speaker of a chunk two voices, at different moments.
-    Its embedding now pools only the runs that sound like its longest one, so it is that voice's,
-    not a blend that matches both; two runs of one voice are both kept. Real voices: the two
-    people of pyannote.audio's telephone call (these excerpts of them match at 0.31, one
-    person's two at 0.79)."""
-    import pipeline.diarization as diarization
-
-    sample = package_dir("pyannote.audio") / "sample"
-    call, _ = sf.read(sample / "sample.wav", dtype="float32")
-
-    def excerpt(start: float, end: float) -> np.ndarray:
-        return call[round(start * SR) : round(end * SR)]
-
-    def one_speaker_of(first: np.ndarray, second: np.ndarray, agreement: float) -> np.ndarray:
-        """The embedding of a chunk's first local speaker, speaking `first`, then after half a
-        second's pause `second`."""
-        monkeypatch.setattr(diarization, "RUN_AGREEMENT", agreement)
-        audio = np.zeros(10 * SR, dtype=np.float32)
-        gap = len(first) + SR // 2
-        audio[: len(first)] = first
-        audio[gap : gap + len(second)] = second
-        frames = 589  # pyannote segmentation-3.0's frames in 10 s
-        t = (np.arange(frames) + 0.5) * 10 / frames
-        speaking = (t < len(first) / SR) | ((t >= gap / SR) & (t < (gap + len(second)) / SR))
-        masks = [speaking, np.zeros(frames, bool), np.zeros(frames, bool)]
-        with torch.inference_mode():
-            return diarization.chunk_embeddings(campplus, torch.from_numpy(audio), one_chunk(masks), None)[0, 0]
-
-    def alone(*parts: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return embed(campplus, torch.from_numpy(np.concatenate(parts))).numpy()
-
-    main, other = excerpt(22.0, 26.0), excerpt(11.0, 13.5)  # the two people: 4 s and 2.5 s
-    pooled = one_speaker_of(main, other, 0.4)
-    blend = one_speaker_of(main, other, -1.0)  # every run, as before
-    assert float(pooled @ alone(main)) > 0.97  # measured 1.00
-    assert float(pooled @ alone(other)) < 0.5  # 0.31
-    assert float(blend @ alone(main)) < float(pooled @ alone(main)) - 0.05  # 0.90, matching the other at 0.69
-
-    first, second = excerpt(22.0, 24.5), excerpt(25.0, 28.0)  # one person, twice
-    both = one_speaker_of(first, second, 0.4)
-    np.testing.assert_allclose(both, one_speaker_of(first, second, -1.0), atol=1e-6)
-
-
 def test_single_speaker_runs_end_at_changes_silence_and_overlap():
     from pipeline.diarization import TRUNK_FPS, single_speaker_runs
 
@@ -553,41 +508,6 @@ def test_a_voice_heard_once_beside_another_is_split_off():
     one_voice, chunks, _ = a_voice_heard_once(1.0)
     assert len(set(spectral().cluster(one_voice, 1, len(one_voice), chunks=chunks))) == 2
     assert len(set(spectral().cluster(x, 1, 2, chunks=chunks))) == 2  # max_speakers still holds
-
-
-def test_a_pair_of_embeddings_is_a_stretch_of_a_voice_not_a_speaker(monkeypatch):
-    """Two embeddings of one short stretch, unlike the rest of their voice (cosine about 0.35 to
-    it, near 0 to the other voice) and like each other, link only to each other (`isolated`) and came out a speaker of
-    their own; fewer than MIN_CLUSTER embeddings now go to the cluster they are most alike."""
-    import pipeline.clustering as clustering
-
-    x, truth = voices_on_the_sphere([30, 30], spread=0.08)
-    rng = np.random.default_rng(5)
-    odd = x[truth == 0].mean(axis=0) / np.linalg.norm(x[truth == 0].mean(axis=0)) + rng.normal(size=EMBEDDING_DIM) / 5
-    pair = np.stack([odd + 0.01 * rng.normal(size=EMBEDDING_DIM) for _ in range(2)])
-    x = np.concatenate([x, pair / np.linalg.norm(pair, axis=1, keepdims=True)])
-    chunks = np.concatenate([np.arange(30) * 2.0, np.arange(30) * 2.0 + 1.0, [100.0, 100.25]])
-    monkeypatch.setattr(clustering, "MIN_CLUSTER", 1)
-    assert len(set(spectral().cluster(x, 1, len(x), chunks=chunks))) == 3  # what happened before
-    monkeypatch.undo()
-    labels = spectral().cluster(x, 1, len(x), chunks=chunks)
-    assert len(set(labels)) == 2 and set(labels[-2:]) == set(labels[:30])
-    assert len(set(spectral().cluster(x, 3, len(x), chunks=chunks))) == 3  # min_speakers still holds
-
-
-def test_small_clusters_join_the_cluster_they_are_most_alike():
-    from pipeline.clustering import absorb_small
-
-    x, truth = voices_on_the_sphere([10, 10, 3], spread=0.08)
-    rng = np.random.default_rng(1)
-    near = [x[0], x[0], x[10]]  # a pair like the first voice, a single like the second
-    x = np.concatenate([x, np.stack([v + rng.normal(size=EMBEDDING_DIM) / 10 for v in near])])
-    truth = np.concatenate([truth, [3, 3, 4]])
-    similarity = x @ x.T / np.outer(np.linalg.norm(x, axis=1), np.linalg.norm(x, axis=1))
-    labels = absorb_small(similarity, truth, 3, 1)
-    assert len(set(labels)) == 3 and labels[-3] == labels[-2] == labels[0] and labels[-1] == labels[10]
-    assert len(set(absorb_small(similarity, truth, 4, 1))) == 2  # the voice of 3 goes too
-    assert len(set(absorb_small(similarity, truth, 3, 4))) == 4  # never fewer than `lo`
 
 
 def test_each_stretch_goes_to_the_speaker_nearest_its_own_embedding():
