@@ -324,7 +324,11 @@ class WhisperXTranscriber:
         def decode(group: list[dict[str, float]]) -> Iterator[Any]:
             return self._decode_clips(timeline, group, language, prompt, word_timestamps)
 
-        for seg in in_parallel(decode, split_evenly(clips, self.decoders)):
+        # Several decoders take one batch of clips at a time, whichever is free: halves fixed in
+        # advance left one decoder idle for the last 4 s of the 10-minute benchmark (a clip that
+        # loops is decoded twice, and speech is not spread evenly).
+        groups = runs_of(clips, self._settings.batch_size) if self.decoders > 1 else [clips]
+        for seg in in_parallel(decode, groups, self.decoders):
             owner = int(np.searchsorted(offsets, round(seg.start * SAMPLE_RATE), side="right")) - 1
             shift = offsets[owner] / SAMPLE_RATE
             words = [
@@ -352,7 +356,9 @@ class WhisperXTranscriber:
         """faster-whisper's batched decoding of `clips` of `timeline`, as a generator of its segments."""
         from faster_whisper import BatchedInferencePipeline
 
-        # A pipeline per call: it keeps the last word's end between batches, which decoders must not share.
+        # A pipeline per call: it keeps the last word's end between batches, which decoders must not
+        # share. Each call starts as after a pause (where its word timings may shorten an overlong
+        # first word), which is what VAD clips mostly start after.
         segments, _ = BatchedInferencePipeline(self._model).transcribe(
             timeline,
             language=language,
@@ -498,36 +504,45 @@ def detection_clips(clips: list[dict[str, float]], count: int) -> list[int]:
     return [int(np.flatnonzero(share == s)[np.argmax(lengths[share == s])]) for s in np.unique(share)]
 
 
-def split_evenly(items: list[T], parts: int) -> list[list[T]]:
-    """`items` cut into at most `parts` runs of consecutive items whose lengths differ by one at most."""
-    parts = max(1, min(parts, len(items)))
-    size, extra = divmod(len(items), parts)
-    bounds = np.cumsum([0] + [size + (i < extra) for i in range(parts)])
-    return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+def runs_of(items: list[T], size: int) -> list[list[T]]:
+    """`items` cut into runs of `size` consecutive items (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), max(1, size))]
 
 
-def in_parallel(produce: Callable[[T], Iterable[R]], inputs: list[T]) -> Iterator[R]:
-    """The items of `produce(x)` for every input, each input's produced on a thread of its own, yielded
-    in the order they come. An error in one thread is raised here once the others have stopped."""
-    if len(inputs) == 1:
-        yield from produce(inputs[0])  # nothing to overlap: no thread
+def in_parallel(produce: Callable[[T], Iterable[R]], inputs: list[T], workers: int) -> Iterator[R]:
+    """The items of `produce(x)` for every input, yielded in the order they come. Up to `workers`
+    threads each take the next input nobody has taken yet, so a thread whose inputs went quickly
+    takes more instead of waiting for the others. An error in one thread is raised here once the
+    others have stopped."""
+    workers = min(workers, len(inputs))
+    if workers <= 1:
+        for x in inputs:
+            yield from produce(x)  # nothing to overlap: no thread
         return
     items: queue.Queue = queue.Queue()
+    todo: queue.Queue = queue.Queue()
+    for x in inputs:
+        todo.put(x)
     stop = threading.Event()
     finished = object()
 
-    def work(x: T) -> None:
+    def work() -> None:
         try:
-            for item in produce(x):
-                if stop.is_set():
-                    break
-                items.put(item)
+            while not stop.is_set():
+                try:
+                    x = todo.get_nowait()
+                except queue.Empty:
+                    return
+                for item in produce(x):
+                    if stop.is_set():
+                        return
+                    items.put(item)
         except BaseException as e:  # re-raised by the consumer below
             items.put(_Raised(e))
         finally:
             items.put(finished)
 
-    threads = [threading.Thread(target=work, args=(x,), name=f"decoder-{i}", daemon=True) for i, x in enumerate(inputs)]
+    threads = [threading.Thread(target=work, name=f"decoder-{i}", daemon=True) for i in range(workers)]
     for thread in threads:
         thread.start()
     try:

@@ -15,7 +15,7 @@ from pipeline.asr import (
     detection_clips,
     in_parallel,
     interpolate_missing,
-    split_evenly,
+    runs_of,
 )
 from pipeline.assembly import assemble, join_words, speaker_of, tidy_times
 from pipeline.config import AcousticSettings, load_settings
@@ -168,11 +168,10 @@ def test_detection_clips_no_more_than_the_clips():
 # -- decoders side by side ----------------------------------------------------
 
 
-def test_split_evenly_keeps_order_and_balances():
-    assert split_evenly(list(range(7)), 2) == [[0, 1, 2, 3], [4, 5, 6]]
-    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert split_evenly([1], 2) == [[1]]  # never an empty share
-    assert split_evenly([], 2) == [[]]
+def test_runs_of_keeps_order():
+    assert runs_of(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert runs_of([1], 4) == [[1]]
+    assert runs_of([], 4) == []
 
 
 def test_in_parallel_yields_every_item_from_threads_at_once():
@@ -185,13 +184,34 @@ def test_in_parallel_yields_every_item_from_threads_at_once():
         for i in range(n):
             yield (threading.current_thread().name, i)
 
-    items = list(in_parallel(produce, [3, 4]))
+    items = list(in_parallel(produce, [3, 4], 2))
     assert sorted(i for _, i in items) == [0, 0, 1, 1, 2, 2, 3]
     assert len({name for name, _ in items}) == 2
-    # One input: produced here, on the calling thread.
-    assert {name for name, _ in in_parallel(lambda n: [(threading.current_thread().name, n)], [1])} == {
+    # One worker: produced here, on the calling thread, input after input.
+    assert {name for name, _ in in_parallel(lambda n: [(threading.current_thread().name, n)], [1, 2], 1)} == {
         threading.current_thread().name
     }
+
+
+def test_in_parallel_gives_the_next_input_to_whichever_thread_is_free():
+    """A thread slow on its first input does not hold back inputs after it: the other thread takes
+    them all (halves fixed in advance would leave the slow thread one of them)."""
+    import threading
+
+    quick_ones_done = threading.Semaphore(0)
+    took: dict[str, list[str]] = {}
+
+    def produce(x: str):
+        if x == "slow":  # done only once the other thread has got through every quick input
+            for _ in range(3):
+                assert quick_ones_done.acquire(timeout=10), "the quick inputs waited for the slow one"
+        took.setdefault(threading.current_thread().name, []).append(x)
+        if x != "slow":
+            quick_ones_done.release()
+        yield x
+
+    assert sorted(in_parallel(produce, ["slow", "quick", "quick", "quick"], 2)) == ["quick"] * 3 + ["slow"]
+    assert sorted(took.values()) == [["quick", "quick", "quick"], ["slow"]]
 
 
 def test_in_parallel_raises_a_threads_error_after_the_others_stop():
@@ -210,7 +230,7 @@ def test_in_parallel_raises_a_threads_error_after_the_others_stop():
             stopped.set()
 
     with pytest.raises(ValueError, match="bad clip"):
-        list(in_parallel(produce, [False, True]))
+        list(in_parallel(produce, [False, True], 2))
     assert stopped.is_set()  # the healthy thread was told to stop and had stopped
 
 
