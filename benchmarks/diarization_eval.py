@@ -263,7 +263,8 @@ class Evaluator:
         d = self.settings.diarization
         # Keyed by what segmentation and embeddings depend on: the settings and the code.
         code = b"".join((ROOT / "pipeline" / f).read_bytes() for f in ("diarization.py", "campplus.py"))
-        key = f"{d.segmentation}-{d.segmentation_step:g}-{hashlib.sha1(code).hexdigest()[:10]}"
+        int8 = "-int8" if d.segmentation_int8 else ""
+        key = f"{d.segmentation}{int8}-{d.segmentation_step:g}-{hashlib.sha1(code).hexdigest()[:10]}"
         self._cache = DATA / "cache" / key if cache else None
         pipeline = self.diarizer._pipeline
         if self._cache:

@@ -169,6 +169,11 @@ class DiarizationSettings(BaseModel):
         description="Embedded pipeline on CPU: run the segmentation model and CAM++'s trunk with ONNX Runtime "
         "(exported from their weights at load, same outputs to 1e-4, faster than torch); false keeps torch.",
     )
+    segmentation_int8: bool = Field(
+        False,
+        description="With `onnxruntime`: the segmentation model's LSTM layers with 8-bit weights (ONNX Runtime's "
+        "dynamic quantization).",
+    )
     clustering: Literal["spectral", "agglomerative"] = Field(
         "spectral",
         description="Embedded pipeline: `spectral` (speaker count from the eigengap) or `agglomerative` "

@@ -94,7 +94,7 @@ class PyannoteDiarizer:
             from pipeline.onnx_runtime import campplus_on_onnxruntime, segmentation_on_onnxruntime
 
             threads = settings.cpu_threads or os.cpu_count() or 1
-            segmentation_on_onnxruntime(self._pipeline._segmentation.model, threads)
+            segmentation_on_onnxruntime(self._pipeline._segmentation.model, threads, settings.segmentation_int8)
             campplus_on_onnxruntime(self._pipeline._embedding.model_.encoder, threads)
 
     def check(self) -> None:

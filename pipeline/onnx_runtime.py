@@ -15,12 +15,13 @@ import io
 import logging
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def segmentation_on_onnxruntime(model: Any, threads: int) -> None:
+def segmentation_on_onnxruntime(model: Any, threads: int, int8: bool = False) -> None:
     """Make `model` (a pyannote segmentation `Model` on CPU) compute its forward pass with ONNX
     Runtime. The model object itself stays, since pyannote's `Inference` reads its
     specifications, receptive field and example output; only `forward` is replaced."""
@@ -35,6 +36,7 @@ def segmentation_on_onnxruntime(model: Any, threads: int) -> None:
         {"scores": {0: "batch", 1: "frames"}},
         threads,
         "segmentation",
+        quantize=["LSTM"] if int8 else [],
     )
     if session is not None:
         model.forward = _runner(session)  # instance attribute: nn.Module.__call__ finds it first
@@ -78,7 +80,13 @@ def _masked_trunk_module(encoder: Any) -> Any:
 
 
 def _session(
-    module: Any, example: tuple, inputs: dict[str, dict], outputs: dict[str, dict], threads: int, name: str
+    module: Any,
+    example: tuple,
+    inputs: dict[str, dict],
+    outputs: dict[str, dict],
+    threads: int,
+    name: str,
+    quantize: list[str] | None = None,
 ) -> Any:
     """An ONNX Runtime session of `module` traced on `example`; None (and a warning) if that fails."""
     try:
@@ -100,13 +108,29 @@ def _session(
                 opset_version=17,
                 dynamo=False,  # the TorchScript exporter: the dynamo one needs onnxscript
             )
+        graph = buffer.getvalue()
+        if quantize:
+            graph = _quantized(graph, quantize)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # an exporter or runtime that cannot take this model: torch still can
         log.warning("%s stays on torch: ONNX export failed (%s: %s)", name, type(e).__name__, e)
         return None
+
+
+def _quantized(graph: bytes, op_types: list[str]) -> bytes:
+    """`graph` with the weights of its `op_types` nodes in 8 bits (dynamic quantization)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "quantized.onnx"
+        quantize_dynamic(onnx.load_from_string(graph), out, op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
+        return out.read_bytes()
 
 
 def _runner(session: Any) -> Callable[..., Any]:
